@@ -1,0 +1,41 @@
+# Tessera — two commands on a fresh machine:  `make run`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PORT   ?= 8501
+
+.PHONY: setup demo run test bench browser clean-demo
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Builds the demo cohort (world, model, predictions) once; later runs are cache hits.
+demo: setup
+	$(PY) -m core.cli demo
+
+run: demo
+	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) \
+	  --server.headless true --browser.gatherUsageStats false
+
+# Debian's chromium for the browser tests; installed when missing and we are root (CI is).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "chromium not found and not root: browser tests will be skipped"; fi; \
+	fi
+
+test: setup browser
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean-demo:
+	rm -rf data/demo

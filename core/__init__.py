@@ -1,0 +1,1 @@
+"""Tessera core: pure Python logic (never imports streamlit)."""

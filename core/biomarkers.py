@@ -1,0 +1,35 @@
+"""Patient-level predicted biomarkers joined with clinical data, for cohort analyses."""
+from __future__ import annotations
+
+import pandas as pd
+
+from core.cohort import survival_frame
+from core.errors import AnalysisError
+
+STATS = ("mean", "median", "q90")
+
+
+def slide_values(store, cohort: str, model_key: str, gene: str, *, stat: str = "mean") -> pd.DataFrame:
+    """One row per predicted slide: patient, slide, the slide-level ``stat`` of ``gene``."""
+    if stat not in STATS:
+        raise AnalysisError(f"Unknown statistic {stat}; choose one of {', '.join(STATS)}.")
+    runs = store.cohort_runs(cohort, model_key).dropna(subset=["run_key"])
+    if runs.empty:
+        raise AnalysisError(f"No slide of cohort {cohort!r} has predictions from {model_key} yet.")
+    summary = store.slide_summary(model_key, [gene], list(runs["run_key"]))
+    df = runs[["patient", "slide_name", "slide_type", "run_key"]].merge(summary[["run_key", stat]], on="run_key")
+    return df.rename(columns={stat: gene})
+
+
+def patient_values(store, cohort: str, model_key: str, gene: str, *, stat: str = "mean") -> pd.DataFrame:
+    """Per patient: the mean over their diagnostic slides (all slides if none is diagnostic)."""
+    df = slide_values(store, cohort, model_key, gene, stat=stat).dropna(subset=["patient"])
+    dx = df[df["slide_type"].fillna("").str.startswith("diagnostic")]
+    df = pd.concat([dx, df[~df["patient"].isin(dx["patient"])]])
+    return df.groupby("patient", as_index=False)[gene].mean()
+
+
+def survival_table(store, cohort: str, model_key: str, gene: str, endpoint: str, *, stat: str = "mean") -> pd.DataFrame:
+    """Patients with the endpoint's time/event and the predicted biomarker."""
+    surv = survival_frame(store.clinical(cohort), endpoint)
+    return surv.merge(patient_values(store, cohort, model_key, gene, stat=stat), on="patient")

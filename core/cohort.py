@@ -1,0 +1,113 @@
+"""TCGA barcodes, clinical tables (TCGA-CDR) and slide ↔ patient linking."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.errors import ClinicalFormatError
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("OS", "DSS", "DFI", "PFI")
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
+_BARCODE = re.compile(
+    r"^(?P<patient>TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})"
+    r"(?:-(?P<sample>\d{2})(?P<vial>[A-Z])?(?:-(?P<portion>\d{2})(?P<analyte>[A-Z])?"
+    r"(?:-(?P<slide>(?:DX|TS|BS|MS)[A-Z0-9]*))?)?)?",
+    re.IGNORECASE,
+)
+SAMPLE_TYPES = {"01": "primary tumour", "02": "recurrent tumour", "06": "metastatic", "11": "solid tissue normal"}
+
+
+@dataclass(frozen=True)
+class Barcode:
+    """A parsed TCGA barcode from a file name; ``slide_type`` DX = FFPE diagnostic, TS/BS/MS = frozen."""
+
+    patient: str
+    sample: str | None
+    slide_id: str | None
+
+    @property
+    def sample_type(self) -> str:
+        return SAMPLE_TYPES.get(self.sample or "", "unknown")
+
+    @property
+    def slide_type(self) -> str:
+        if not self.slide_id:
+            return "unknown"
+        return "diagnostic (FFPE)" if self.slide_id.upper().startswith("DX") else "frozen"
+
+
+def parse_barcode(name: str) -> Barcode | None:
+    """Parse ``TCGA-A2-A0T2-01Z-00-DX1.<uuid>.svs``; None when the name has no TCGA barcode."""
+    m = _BARCODE.match(Path(name).name)
+    if not m:
+        return None
+    return Barcode(m["patient"].upper(), m["sample"], m["slide"].upper() if m["slide"] else None)
+
+
+def find_slides(folder: str | Path) -> list[Path]:
+    """Every file with a whole-slide suffix under ``folder``, recursively, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+
+
+def load_cdr(path: str | Path) -> pd.DataFrame:
+    """A TCGA-CDR table (csv/tsv, or xlsx sheet ``TCGA-CDR``); ``Redaction`` rows dropped.
+
+    Endpoint columns become numeric: events 0/1, times in days (NaN when missing).
+    """
+    path = Path(path)
+    if path.suffix.lower() in {".xlsx", ".xls"}:
+        df = pd.read_excel(path, sheet_name="TCGA-CDR")
+    else:
+        df = pd.read_csv(path, sep="\t" if path.suffix.lower() in {".tsv", ".txt"} else ",")
+    df = df.drop(columns=[c for c in df.columns if str(c).startswith("Unnamed")])
+    if "bcr_patient_barcode" not in df.columns:
+        raise ClinicalFormatError(
+            f"{path.name}: no 'bcr_patient_barcode' column; this is not a TCGA-CDR table. "
+            "Use a generic clinical file with a column mapping instead.")
+    if "Redaction" in df.columns:
+        df = df[df["Redaction"].isna() | (df["Redaction"].astype(str).str.strip() == "")]
+    for ep in ENDPOINTS:
+        for col in (ep, f"{ep}.time"):
+            if col in df.columns:
+                df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["bcr_patient_barcode"] = df["bcr_patient_barcode"].astype(str).str.upper()
+    return df.reset_index(drop=True)
+
+
+def link_slides(slide_paths: list[Path], clinical: pd.DataFrame) -> pd.DataFrame:
+    """One row per slide: parsed barcode, link status and a message; nothing dropped silently."""
+    patients = set(clinical["bcr_patient_barcode"])
+    rows = []
+    for p in slide_paths:
+        bc = parse_barcode(p.name)
+        if bc is None:
+            rows.append(dict(slide_name=p.name, slide_path=str(p.resolve()), patient=None, sample_type=None,
+                             slide_type=None, status="unlinked", message="no TCGA barcode in the file name"))
+            continue
+        linked = bc.patient in patients
+        rows.append(dict(slide_name=p.name, slide_path=str(p.resolve()), patient=bc.patient,
+                         sample_type=bc.sample_type, slide_type=bc.slide_type,
+                         status="linked" if linked else "no clinical",
+                         message="" if linked else "patient not in the clinical table"))
+    return pd.DataFrame(rows, columns=["slide_name", "slide_path", "patient", "sample_type", "slide_type",
+                                       "status", "message"])
+
+
+def survival_frame(clinical: pd.DataFrame, endpoint: str) -> pd.DataFrame:
+    """Patient, time (days) and event for one endpoint; rows without a usable time removed."""
+    if endpoint not in ENDPOINTS:
+        raise ClinicalFormatError(f"Unknown endpoint {endpoint}; choose one of {', '.join(ENDPOINTS)}.")
+    missing = [c for c in (endpoint, f"{endpoint}.time") if c not in clinical.columns]
+    if missing:
+        raise ClinicalFormatError(f"The clinical table has no {', '.join(missing)} column.")
+    df = clinical[["bcr_patient_barcode", endpoint, f"{endpoint}.time"]].copy()
+    df.columns = ["patient", "event", "time"]
+    df = df[np.isfinite(df["time"]) & (df["time"] >= 0) & df["event"].isin([0, 1])]
+    return df.reset_index(drop=True)

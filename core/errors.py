@@ -1,0 +1,36 @@
+"""Domain exceptions with messages that say what to do next.
+
+Pages turn these into ``st.error``; the CLI prints them without a traceback.
+"""
+
+
+class TesseraError(Exception):
+    """Base class: the message is meant for the user, as is."""
+
+
+class SlideOpenError(TesseraError):
+    """OpenSlide could not open the file (unsupported format, truncated, not a slide)."""
+
+
+class MissingMppError(TesseraError):
+    """Neither the slide metadata nor an override gives the pixel size."""
+
+
+class NoTissueError(TesseraError):
+    """The tissue detector found no tile above the tissue-fraction threshold."""
+
+
+class StoreError(TesseraError):
+    """The DuckDB store is missing, locked or of an unknown schema version."""
+
+
+class ModelNotFoundError(TesseraError):
+    """No checkpoint with that id in the model search path."""
+
+
+class ClinicalFormatError(TesseraError):
+    """A clinical table lacks required columns or has invalid values."""
+
+
+class AnalysisError(TesseraError):
+    """A statistical analysis cannot run on the data given (too few patients, no events…)."""

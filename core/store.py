@@ -1,0 +1,316 @@
+"""The DuckDB store: the only module that imports duckdb. Schema, migrations, every query.
+
+Layout, chosen for the dashboard's queries:
+- ``runs``: one row per (slide content, model, tiling) = ``run_key``; written in the same
+  transaction as its tiles, so a partial slide is never visible as complete.
+- ``tiles``: tile geometry (level-0 px) per run.
+- ``pred_<model>``: one table per model with **one REAL column per gene**, so a heatmap or a
+  cohort top-k reads a single column (columnar) instead of scanning a long table.
+- ``tile_vectors``: embedding and composition per tile (fixed-size FLOAT arrays).
+- ``slide_summary``: per run and gene, slide-level statistics for cohort analyses.
+- ``cohorts``, ``cohort_slides``, ``clinical_<cohort>``: what was imported and linked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from core.errors import StoreError
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS fingerprints (
+    path VARCHAR, size BIGINT, mtime_ns BIGINT, fingerprint VARCHAR,
+    PRIMARY KEY (path, size, mtime_ns));
+CREATE TABLE IF NOT EXISTS models (
+    model_key VARCHAR PRIMARY KEY, model_id VARCHAR, version VARCHAR, pred_table VARCHAR,
+    genes VARCHAR[], cell_types VARCHAR[], card JSON, registered_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS runs (
+    run_key VARCHAR PRIMARY KEY, slide_fp VARCHAR, model_key VARCHAR, tiling_key VARCHAR,
+    tiling JSON, slide_name VARCHAR, slide_path VARCHAR, n_tiles INTEGER, tile_size INTEGER,
+    width INTEGER, height INTEGER, mpp DOUBLE, device VARCHAR, seconds DOUBLE,
+    finished_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS tiles (
+    run_key VARCHAR, tile_idx INTEGER, x INTEGER, y INTEGER, tissue REAL);
+CREATE TABLE IF NOT EXISTS tile_vectors (
+    run_key VARCHAR, tile_idx INTEGER, embedding FLOAT[], composition FLOAT[]);
+CREATE TABLE IF NOT EXISTS slide_summary (
+    run_key VARCHAR, gene VARCHAR, mean REAL, median REAL, q90 REAL);
+CREATE TABLE IF NOT EXISTS cohorts (
+    name VARCHAR PRIMARY KEY, clinical_table VARCHAR, source JSON, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS cohort_slides (
+    cohort VARCHAR, slide_name VARCHAR, slide_path VARCHAR, patient VARCHAR,
+    sample_type VARCHAR, slide_type VARCHAR, fingerprint VARCHAR, status VARCHAR, message VARCHAR);
+"""
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "x"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One completed prediction of one slide by one model with one tiling."""
+
+    run_key: str
+    slide_fp: str
+    model_key: str
+    tiling_key: str
+    tiling: dict
+    slide_name: str
+    slide_path: str
+    tile_size: int
+    width: int
+    height: int
+    mpp: float
+    device: str
+    seconds: float
+
+
+class Store:
+    """A DuckDB file holding cohorts, predictions and summaries; use as a context manager."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False):
+        self.path = Path(path)
+        self.read_only = read_only
+        if read_only and not self.path.exists():
+            raise StoreError(f"No store at {self.path}. Build the demo with `make demo` or import a cohort.")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as exc:
+            raise StoreError(f"Cannot open the store {self.path}: {exc}") from exc
+        if not read_only:
+            self._migrate()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        self.con.execute(_SCHEMA)
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema v{row[0]}, newer than this Tessera (v{SCHEMA_VERSION}).")
+
+    # -- fingerprints -------------------------------------------------------------------------
+    def cached_fingerprint(self, path: str, size: int, mtime_ns: int) -> str | None:
+        row = self.con.execute(
+            "SELECT fingerprint FROM fingerprints WHERE path=? AND size=? AND mtime_ns=?",
+            [path, size, mtime_ns]).fetchone()
+        return row[0] if row else None
+
+    def remember_fingerprint(self, path: str, size: int, mtime_ns: int, fingerprint: str) -> None:
+        self.con.execute("INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?)", [path, size, mtime_ns, fingerprint])
+
+    # -- models -------------------------------------------------------------------------------
+    def register_model(self, model_id: str, version: str, genes: list[str], cell_types: list[str], card: dict) -> str:
+        """Make sure the model's prediction table exists; returns its ``model_key``."""
+        model_key = f"{model_id}@{version}"
+        table = "pred_" + hashlib.blake2b(model_key.encode(), digest_size=6).hexdigest()
+        if self.con.execute("SELECT 1 FROM models WHERE model_key=?", [model_key]).fetchone():
+            return model_key
+        cols = ", ".join(f"{_ident(g)} REAL" for g in genes)
+        self.con.execute("BEGIN")
+        self.con.execute(f"CREATE TABLE IF NOT EXISTS {table} (run_key VARCHAR, tile_idx INTEGER, {cols})")
+        self.con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, now())",
+                         [model_key, model_id, version, table, genes, cell_types, json.dumps(card)])
+        self.con.execute("COMMIT")
+        return model_key
+
+    def models(self) -> pd.DataFrame:
+        return self.con.execute(
+            "SELECT model_key, model_id, version, genes, cell_types, card FROM models ORDER BY registered_at").df()
+
+    def model_info(self, model_key: str) -> dict:
+        row = self.con.execute("SELECT pred_table, genes, cell_types, card FROM models WHERE model_key=?",
+                               [model_key]).fetchone()
+        if row is None:
+            raise StoreError(f"Model {model_key} has no predictions in this store.")
+        return {"pred_table": row[0], "genes": list(row[1]), "cell_types": list(row[2]), "card": json.loads(row[3])}
+
+    # -- runs ---------------------------------------------------------------------------------
+    def find_run(self, run_key: str) -> dict | None:
+        df = self.con.execute("SELECT * FROM runs WHERE run_key=?", [run_key]).df()
+        return None if df.empty else df.iloc[0].to_dict()
+
+    def write_run(self, run: RunRecord, xy: np.ndarray, tissue: np.ndarray, expression: np.ndarray,
+                  embedding: np.ndarray, composition: np.ndarray) -> None:
+        """Write a whole slide's results atomically; the ``runs`` row is the completion marker."""
+        info = self.model_info(run.model_key)
+        genes = info["genes"]
+        n = len(xy)
+        if expression.shape != (n, len(genes)):
+            raise StoreError(f"expression is {expression.shape}, expected {(n, len(genes))}")
+        idx = np.arange(n, dtype=np.int32)
+        tiles = pa.table({"run_key": [run.run_key] * n, "tile_idx": idx, "x": xy[:, 0].astype(np.int32),
+                          "y": xy[:, 1].astype(np.int32), "tissue": tissue.astype(np.float32)})
+        pred = pa.table({"run_key": [run.run_key] * n, "tile_idx": idx,
+                         **{g: expression[:, i].astype(np.float32) for i, g in enumerate(genes)}})
+        vectors = pa.table({"run_key": [run.run_key] * n, "tile_idx": idx,
+                            "embedding": _list_array(embedding), "composition": _list_array(composition)})
+        q = np.quantile(expression, [0.5, 0.9], axis=0)
+        summary = pd.DataFrame({"run_key": run.run_key, "gene": genes, "mean": expression.mean(axis=0),
+                                "median": q[0], "q90": q[1]})
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            for table in ("tiles", "tile_vectors", "slide_summary", info["pred_table"]):
+                con.execute(f"DELETE FROM {table} WHERE run_key=?", [run.run_key])
+            con.execute("DELETE FROM runs WHERE run_key=?", [run.run_key])
+            con.register("_tiles", tiles)
+            con.execute("INSERT INTO tiles SELECT * FROM _tiles")
+            con.register("_pred", pred)
+            con.execute(f"INSERT INTO {info['pred_table']} SELECT * FROM _pred")
+            con.register("_vec", vectors)
+            con.execute("INSERT INTO tile_vectors SELECT * FROM _vec")
+            con.register("_summary", summary)
+            con.execute("INSERT INTO slide_summary SELECT * FROM _summary")
+            con.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                        [run.run_key, run.slide_fp, run.model_key, run.tiling_key, json.dumps(run.tiling),
+                         run.slide_name, run.slide_path, n, run.tile_size, run.width, run.height, run.mpp,
+                         run.device, run.seconds])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            for name in ("_tiles", "_pred", "_vec", "_summary"):
+                con.unregister(name)
+
+    # -- cohorts ------------------------------------------------------------------------------
+    def save_cohort(self, name: str, slides: pd.DataFrame, clinical: pd.DataFrame, source: dict) -> None:
+        """Replace cohort ``name``: its slide list (see ``cohort_slides`` columns) and clinical table."""
+        table = "clinical_" + _slug(name)
+        cols = ["slide_name", "slide_path", "patient", "sample_type", "slide_type", "fingerprint", "status", "message"]
+        slides = slides.reindex(columns=cols).assign(cohort=name)[["cohort", *cols]]
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            con.execute("DELETE FROM cohort_slides WHERE cohort=?", [name])
+            con.register("_slides", slides)
+            con.execute("INSERT INTO cohort_slides SELECT * FROM _slides")
+            con.register("_clin", clinical)
+            con.execute(f"CREATE OR REPLACE TABLE {_ident(table)} AS SELECT * FROM _clin")
+            con.execute("INSERT OR REPLACE INTO cohorts VALUES (?, ?, ?, now())", [name, table, json.dumps(source)])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            con.unregister("_slides")
+            con.unregister("_clin")
+
+    def cohorts(self) -> list[str]:
+        return [r[0] for r in self.con.execute("SELECT name FROM cohorts ORDER BY created_at").fetchall()]
+
+    def cohort_slides(self, cohort: str) -> pd.DataFrame:
+        return self.con.execute("SELECT * EXCLUDE (cohort) FROM cohort_slides WHERE cohort=? ORDER BY patient, slide_name",
+                                [cohort]).df()
+
+    def clinical(self, cohort: str) -> pd.DataFrame:
+        row = self.con.execute("SELECT clinical_table FROM cohorts WHERE name=?", [cohort]).fetchone()
+        if row is None:
+            raise StoreError(f"No cohort named {cohort!r} in {self.path}.")
+        return self.con.execute(f"SELECT * FROM {_ident(row[0])}").df()
+
+    def cohort_runs(self, cohort: str, model_key: str) -> pd.DataFrame:
+        """Every slide of the cohort with its latest complete run for the model (or NULL)."""
+        return self.con.execute("""
+            SELECT s.*, r.run_key, r.n_tiles, r.tile_size, r.width, r.height, r.finished_at
+            FROM cohort_slides s
+            LEFT JOIN (SELECT * FROM runs WHERE model_key = ?
+                       QUALIFY row_number() OVER (PARTITION BY slide_fp ORDER BY finished_at DESC) = 1) r
+              ON r.slide_fp = s.fingerprint
+            WHERE s.cohort = ? ORDER BY s.patient, s.slide_name""", [model_key, cohort]).df()
+
+    # -- queries for pages --------------------------------------------------------------------
+    def heatmap(self, model_key: str, run_key: str, gene: str) -> pd.DataFrame:
+        """Tile x, y (level-0 px) and predicted value of one gene on one slide."""
+        table = self._pred_table(model_key, gene)
+        return self.con.execute(f"""
+            SELECT t.tile_idx, t.x, t.y, p.{_ident(gene)} AS value
+            FROM {table} p JOIN tiles t USING (run_key, tile_idx)
+            WHERE p.run_key = ? ORDER BY t.tile_idx""", [run_key]).df()
+
+    def top_tiles(self, model_key: str, gene: str, run_keys: list[str], k: int = 24) -> pd.DataFrame:
+        """The ``k`` tiles with the highest predicted value of ``gene`` across the given runs."""
+        table = self._pred_table(model_key, gene)
+        return self.con.execute(f"""
+            SELECT p.run_key, p.tile_idx, p.{_ident(gene)} AS value, t.x, t.y, r.tile_size,
+                   r.slide_name, r.slide_path
+            FROM {table} p JOIN tiles t USING (run_key, tile_idx) JOIN runs r USING (run_key)
+            WHERE p.run_key IN (SELECT unnest(?::VARCHAR[]))
+            ORDER BY value DESC LIMIT ?""", [run_keys, k]).df()
+
+    def tile_profile(self, model_key: str, run_key: str, tile_idx: int) -> pd.Series:
+        info = self.model_info(model_key)
+        df = self.con.execute(f"SELECT * EXCLUDE (run_key, tile_idx) FROM {info['pred_table']} "
+                              "WHERE run_key=? AND tile_idx=?", [run_key, tile_idx]).df()
+        if df.empty:
+            raise StoreError(f"No tile {tile_idx} in run {run_key}.")
+        return df.iloc[0]
+
+    def tile_vectors(self, run_keys: list[str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+        """(index of run_key/tile_idx/x/y/slide, embeddings [N,E], compositions [N,T])."""
+        tbl = self.con.sql("""
+            SELECT v.run_key, v.tile_idx, t.x, t.y, r.tile_size, r.slide_name, r.slide_path,
+                   v.embedding, v.composition
+            FROM tile_vectors v JOIN tiles t USING (run_key, tile_idx) JOIN runs r USING (run_key)
+            WHERE v.run_key IN (SELECT unnest(?::VARCHAR[])) ORDER BY v.run_key, v.tile_idx""",
+                           params=[run_keys]).to_arrow_table()
+        index = tbl.drop_columns(["embedding", "composition"]).to_pandas()
+        emb = _stack(tbl.column("embedding"))
+        comp = _stack(tbl.column("composition"))
+        return index, emb, comp
+
+    def slide_summary(self, model_key: str, genes: list[str], run_keys: list[str]) -> pd.DataFrame:
+        return self.con.execute("""
+            SELECT s.run_key, r.slide_name, r.slide_fp, s.gene, s.mean, s.median, s.q90
+            FROM slide_summary s JOIN runs r USING (run_key)
+            WHERE s.run_key IN (SELECT unnest(?::VARCHAR[])) AND s.gene IN (SELECT unnest(?::VARCHAR[]))""",
+                                [run_keys, genes]).df()
+
+    def _pred_table(self, model_key: str, gene: str) -> str:
+        info = self.model_info(model_key)
+        if gene not in info["genes"]:
+            raise StoreError(f"{gene} is not in the panel of {model_key}.")
+        return info["pred_table"]
+
+
+def _list_array(matrix: np.ndarray) -> pa.Array:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    offsets = np.arange(0, matrix.size + 1, matrix.shape[1], dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(matrix.ravel()))
+
+
+def _stack(column) -> np.ndarray:
+    if len(column) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    flat = column.combine_chunks()
+    width = len(flat[0])
+    return np.asarray(flat.flatten(), dtype=np.float32).reshape(-1, width)
+

@@ -1,0 +1,127 @@
+"""Turning spatial-transcriptomics sections into training data, and training a model on them.
+
+A section is an H&E image readable by OpenSlide plus an AnnData of raw spot counts whose
+``obsm['spatial']`` holds spot centres (x, y) in level-0 px of that image.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.slides import Slide
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Section:
+    """One ST section: patches centred on spots, log-normalised targets, optional true composition."""
+
+    name: str
+    patches: np.ndarray  # [N, px, px, 3] uint8
+    targets: np.ndarray  # [N, G] log1p(CP10k over the panel)
+    composition: np.ndarray | None  # [N, T] (synthetic only)
+    xy: np.ndarray  # [N, 2] spot centres, level-0 px
+
+
+def log_normalize(counts: np.ndarray, *, target_sum: float = 1e4) -> np.ndarray:
+    """Library-size normalise each row to ``target_sum`` over the given genes, then log1p."""
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.log1p(counts / np.maximum(totals, 1.0) * target_sum).astype(np.float32)
+
+
+def reference_profiles(reference, genes: list[str], cell_types: list[str] | None = None,
+                       *, type_column: str = "cell_type") -> tuple[pd.DataFrame, list[str]]:
+    """Mean counts per cell type over ``genes`` (AnnData of single cells), normalised like targets."""
+    import scipy.sparse as sp
+
+    missing = [g for g in genes if g not in reference.var_names]
+    if missing:
+        raise ValueError(f"The reference lacks {len(missing)} panel genes, e.g. {missing[:5]}")
+    types = cell_types or sorted(reference.obs[type_column].astype(str).unique())
+    sub = reference[:, genes]
+    X = sub.X.toarray() if sp.issparse(sub.X) else np.asarray(sub.X)
+    labels = reference.obs[type_column].astype(str).to_numpy()
+    means = np.stack([X[labels == t].mean(axis=0) for t in types])
+    return pd.DataFrame(log_normalize(means), index=types, columns=genes), types
+
+
+def load_section(directory: Path, genes: list[str], *, tile_um: float, mpp: float,
+                 cell_types: list[str] | None = None) -> Section:
+    """Read ``section.h5ad`` + ``he.tiff`` and cut a ``tile_um`` patch around every spot."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    adata = ad.read_h5ad(directory / "section.h5ad")
+    out_px = int(round(tile_um / mpp))
+    with Slide(directory / "he.tiff", mpp_override=adata.uns.get("mpp")) as slide:
+        size = int(round(tile_um / slide.mpp))
+        xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+        w, h = slide.dimensions
+        inside = (xy[:, 0] - size / 2 >= 0) & (xy[:, 1] - size / 2 >= 0) & \
+                 (xy[:, 0] + size / 2 <= w) & (xy[:, 1] + size / 2 <= h)
+        adata, xy = adata[inside], xy[inside]
+        patches = np.stack([slide.read_region((int(x - size / 2), int(y - size / 2)), size, out_px) for x, y in xy])
+    X = adata[:, genes].X
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    comp = None
+    if "composition" in adata.obsm:
+        comp = np.asarray(adata.obsm["composition"], dtype=np.float32)
+        if isinstance(adata.obsm["composition"], pd.DataFrame) and cell_types:
+            comp = adata.obsm["composition"][cell_types].to_numpy(dtype=np.float32)
+    return Section(directory.name, patches, log_normalize(X), comp, xy)
+
+
+def encode_patches(model, patches: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """Frozen encoder features for uint8 patches (CPU)."""
+    import torch
+
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(patches), batch_size):
+            feats.append(model.forward_features(torch.from_numpy(patches[i:i + batch_size])).numpy())
+    return np.concatenate(feats)
+
+
+def train_on_sections(sections: list[Section], profiles: pd.DataFrame, *, encoder: str = "efficientnet_lite0",
+                      held_out: str | None = None, epochs: int = 200, seed: int = 0):
+    """Train a reference-informed head on frozen encoder features.
+
+    Returns (model, metrics) where metrics are on the ``held_out`` section (never used for fitting
+    or for choosing epochs) and the training time. The caller saves the checkpoint.
+    """
+    import torch
+    from models.encoders import create_encoder
+    from models.evaluate import summarize
+    from models.scist import HeadConfig, ReferenceInformedHead, TesseraModel
+    from models.train import fit_head
+
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    genes, types = list(profiles.columns), list(profiles.index)
+    enc = create_encoder(encoder)
+    head = ReferenceInformedHead(HeadConfig(enc.dim, len(genes), len(types)),
+                                 torch.tensor(profiles.to_numpy(), dtype=torch.float32))
+    model = TesseraModel(enc, head).eval()
+    feats = {s.name: encode_patches(model, s.patches) for s in sections}
+    train = [s for s in sections if s.name != held_out]
+    use_comp = all(s.composition is not None for s in train)
+    fit_head(head,
+             torch.tensor(np.concatenate([feats[s.name] for s in train])),
+             torch.tensor(np.concatenate([s.targets for s in train])),
+             composition=torch.tensor(np.concatenate([s.composition for s in train])) if use_comp else None,
+             epochs=epochs, seed=seed)
+    metrics: dict = {"train_sections": [s.name for s in train], "train_spots": int(sum(len(s.targets) for s in train))}
+    if held_out is not None:
+        test = next(s for s in sections if s.name == held_out)
+        with torch.inference_mode():
+            pred = head(torch.tensor(feats[test.name]))["expression"].numpy()
+        metrics["held_out"] = {test.name: summarize(pred, test.targets, genes)}
+    metrics["train_seconds"] = round(time.perf_counter() - started, 1)
+    return model, metrics

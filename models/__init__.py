@@ -1,0 +1,1 @@
+"""Tessera models: PyTorch only; knows tensors, not slides (never imports core)."""

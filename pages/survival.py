@@ -1,0 +1,33 @@
+"""Survival: a predicted biomarker split at the median, KM curves, log-rank p, Cox HR (95 % CI)."""
+import streamlit as st
+
+from core.cohort import ENDPOINTS
+from core.plots import km_figure
+from core.survival import split_survival
+from pages import _ui
+
+st.header("Survival")
+with _ui.guard():
+    cohort, model = _ui.sidebar()
+    if cohort:
+        genes = _ui.genes(model)
+        c1, c2, c3, c4 = st.columns(4)
+        gene = c1.selectbox("Gene", genes, index=genes.index("CD8A") if "CD8A" in genes else 0, key="sv_gene")
+        endpoint = c2.selectbox("Endpoint", list(ENDPOINTS), key="sv_endpoint")
+        stat = c3.selectbox("Slide statistic", ["mean", "median", "q90"], key="sv_stat")
+        split = c4.selectbox("Split", ["median", "tertile"], key="sv_split")
+        data = _ui.query("core.biomarkers:survival_table", cohort, model, gene, endpoint, stat=stat)
+        result = split_survival(data, gene, endpoint, split=split)
+        m1, m2, m3, m4 = st.columns(4)
+        m1.metric("Patients (events)", f"{result.n} ({result.events})")
+        m2.metric("Log-rank p", f"{result.logrank_p:.3g}")
+        m3.metric("Cox HR high vs low", f"{result.cox.hr:.2f}",
+                  help=f"95 % CI {result.cox.ci_lower:.2f}–{result.cox.ci_upper:.2f}, p={result.cox.p:.3g}")
+        m4.metric("Cox HR per SD", f"{result.cox_continuous.hr:.2f}",
+                  help=f"95 % CI {result.cox_continuous.ci_lower:.2f}–{result.cox_continuous.ci_upper:.2f}")
+        st.caption(f"HR high vs low {result.cox.hr:.2f} (95 % CI {result.cox.ci_lower:.2f}–"
+                   f"{result.cox.ci_upper:.2f}); cut-off {result.cutoff:.3f} ({split}) of the slide-level "
+                   f"{stat} of predicted {gene}.")
+        st.plotly_chart(km_figure(result), width="stretch", key="km")
+        st.download_button("Export table", data.to_csv(index=False), file_name=f"tessera_{cohort}_{gene}_{endpoint}.csv",
+                           mime="text/csv", key="sv_export")
