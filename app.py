@@ -1,13 +1,13 @@
 """Tessera — router only: page config and navigation over pages/."""
 import streamlit as st
 
-st.set_page_config(page_title="Tessera", page_icon="🔬", layout="wide")
+st.set_page_config(page_title="Tessera", page_icon=":material/grid_view:", layout="wide")
 
 PAGES = [
-    st.Page("pages/cohort.py", title="Cohort", icon="🗂️", default=True),
-    st.Page("pages/slide.py", title="Slide", icon="🧫"),
-    st.Page("pages/crossmodal.py", title="Cross-modal", icon="🔁"),
-    st.Page("pages/survival.py", title="Survival", icon="📈"),
+    st.Page("pages/cohort.py", title="Cohort", icon=":material/table_view:", default=True),
+    st.Page("pages/slide.py", title="Slide", icon=":material/biotech:"),
+    st.Page("pages/crossmodal.py", title="Cross-modal", icon=":material/sync_alt:"),
+    st.Page("pages/survival.py", title="Survival", icon=":material/monitoring:"),
 ]
 
 st.sidebar.title("Tessera")
