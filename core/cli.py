@@ -13,14 +13,15 @@ from core.errors import TesseraError
 log = logging.getLogger("tessera")
 
 
-def _tqdm_progress(total_label: str):
+def _tqdm_progress(label: str):
+    """A progress callback ``(done, total, *_)`` drawing one tqdm bar."""
     from tqdm import tqdm
 
     bar = {"bar": None}
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, *_) -> None:
         if bar["bar"] is None:
-            bar["bar"] = tqdm(total=total, desc=total_label, unit="slide")
+            bar["bar"] = tqdm(total=total, desc=label, unit="slide")
         bar["bar"].n = done
         bar["bar"].refresh()
         if done >= total:
@@ -58,37 +59,55 @@ def cmd_train(args) -> int:
 
 def cmd_predict(args) -> int:
     from core.modelhub import load_model
-    from core.predict import predict_slide
+    from core.predict import predict_cohort
     from core.store import Store
 
     settings = load_settings(store_path=args.store, device=args.device)
     model = load_model(args.model or settings.default_model, settings.model_dirs)
     with Store(settings.store_path) as store:
-        slides = store.cohort_slides(args.cohort)
-        if slides.empty:
-            raise TesseraError(f"Cohort {args.cohort!r} has no slides in {settings.store_path}.")
-        progress = _tqdm_progress("slides")
-        for i, path in enumerate(slides["slide_path"]):
-            result = predict_slide(path, model, store, device=settings.device, batch_size=args.batch_size,
-                                   workers=args.workers, force=args.force)
-            log.info("%s: %s, %d tiles", result.slide_name, result.status, result.n_tiles)
-            progress(i + 1, len(slides))
+        if args.cohort not in store.cohorts():
+            raise TesseraError(f"No cohort {args.cohort!r} in {settings.store_path}; "
+                               f"known: {', '.join(store.cohorts()) or 'none'}. Import it first.")
+        results = predict_cohort(store, args.cohort, model, device=settings.device, batch_size=args.batch_size,
+                                 workers=args.workers, force=args.force, progress=_tqdm_progress("predict"))
+    computed = [r for r in results if r.status == "computed"]
+    print(f"{len(results)} slides: {len(computed)} predicted ({sum(r.n_tiles for r in computed)} tiles), "
+          f"{len(results) - len(computed)} served from the cache")
     return 0
 
 
+def _mapping(args):
+    from core.clinical import ColumnMapping
+
+    if not args.patient_col:
+        return None
+    endpoints = {}
+    if args.time_col and args.event_col:
+        endpoints[args.endpoint] = (args.time_col, args.event_col)
+    return ColumnMapping(patient=args.patient_col, endpoints=endpoints, time_unit=args.time_unit)
+
+
+def print_report(report) -> None:
+    """The link report as plain text: slides by status, patients without slides, clinical issues."""
+    cols = ["slide_name", "patient", "status", "link", "selected", "mpp", "mpp_source", "n_tiles", "message"]
+    print(report.slides[cols].to_string(index=False, max_colwidth=90))
+    missing = report.patients_without_slides
+    print(f"\npatients without slides: {len(missing)}" + (f" (e.g. {', '.join(missing[:10])})" if missing else ""))
+    for issue in report.issues:
+        print(f"clinical {issue['severity']}: {issue['message']}")
+    print("\nsummary:", ", ".join(f"{k}={v}" for k, v in report.counts().items()))
+
+
 def cmd_import(args) -> int:
-    from core.cohort import find_slides, link_slides, load_cdr
-    from core.predict import fingerprint
+    from core.importer import import_cohort, read_mpp_overrides
     from core.store import Store
 
     settings = load_settings(store_path=args.store)
-    clinical = load_cdr(args.clinical)
-    slides = link_slides(find_slides(args.slides), clinical)
+    overrides = read_mpp_overrides(args.mpp) if args.mpp else None
     with Store(settings.store_path) as store:
-        slides["fingerprint"] = [fingerprint(store, Path(p)) for p in slides["slide_path"]]
-        store.save_cohort(args.name, slides, clinical, {"kind": "import", "slides": str(args.slides),
-                                                          "clinical": str(args.clinical)})
-    print(slides[["slide_name", "patient", "status", "message"]].to_string(index=False))
+        report = import_cohort(store, args.name, args.slides, args.clinical, mapping=_mapping(args),
+                               fmt=args.format, mpp_overrides=overrides, progress=None)
+    print_report(report)
     return 0
 
 
@@ -121,11 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true")
     r.set_defaults(func=cmd_predict)
 
-    i = sub.add_parser("import", help="import a cohort: a folder of slides + a TCGA-CDR table")
-    i.add_argument("--slides", type=Path, required=True)
-    i.add_argument("--clinical", type=Path, required=True)
+    i = sub.add_parser("import", help="import a cohort: a folder of slides + a clinical table; prints the link report")
+    i.add_argument("--slides", type=Path, required=True, help="folder searched recursively")
+    i.add_argument("--clinical", type=Path, required=True, help="TCGA-CDR xlsx/csv, GDC export, or any CSV/TSV/XLSX")
     i.add_argument("--name", default="cohort")
     i.add_argument("--store", type=Path, default=None)
+    i.add_argument("--mpp", type=Path, default=None, help="CSV 'slide,mpp' of µm/px overrides")
+    i.add_argument("--format", default=None, choices=["tcga-cdr", "gdc", "generic"], help="default: detected")
+    i.add_argument("--patient-col", default=None, help="generic tables: the patient id column")
+    i.add_argument("--time-col", default=None)
+    i.add_argument("--event-col", default=None)
+    i.add_argument("--endpoint", default="OS", choices=["OS", "DSS", "DFI", "PFI"])
+    i.add_argument("--time-unit", default="days", choices=["days", "months", "years"])
     i.set_defaults(func=cmd_import)
     return p
 

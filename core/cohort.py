@@ -1,4 +1,4 @@
-"""TCGA barcodes, clinical tables (TCGA-CDR) and slide ↔ patient linking."""
+"""TCGA barcodes and slide ↔ patient linking (clinical readers live in ``core.clinical``)."""
 from __future__ import annotations
 
 import logging
@@ -54,31 +54,6 @@ def parse_barcode(name: str) -> Barcode | None:
 def find_slides(folder: str | Path) -> list[Path]:
     """Every file with a whole-slide suffix under ``folder``, recursively, sorted."""
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
-
-
-def load_cdr(path: str | Path) -> pd.DataFrame:
-    """A TCGA-CDR table (csv/tsv, or xlsx sheet ``TCGA-CDR``); ``Redaction`` rows dropped.
-
-    Endpoint columns become numeric: events 0/1, times in days (NaN when missing).
-    """
-    path = Path(path)
-    if path.suffix.lower() in {".xlsx", ".xls"}:
-        df = pd.read_excel(path, sheet_name="TCGA-CDR")
-    else:
-        df = pd.read_csv(path, sep="\t" if path.suffix.lower() in {".tsv", ".txt"} else ",")
-    df = df.drop(columns=[c for c in df.columns if str(c).startswith("Unnamed")])
-    if "bcr_patient_barcode" not in df.columns:
-        raise ClinicalFormatError(
-            f"{path.name}: no 'bcr_patient_barcode' column; this is not a TCGA-CDR table. "
-            "Use a generic clinical file with a column mapping instead.")
-    if "Redaction" in df.columns:
-        df = df[df["Redaction"].isna() | (df["Redaction"].astype(str).str.strip() == "")]
-    for ep in ENDPOINTS:
-        for col in (ep, f"{ep}.time"):
-            if col in df.columns:
-                df[col] = pd.to_numeric(df[col], errors="coerce")
-    df["bcr_patient_barcode"] = df["bcr_patient_barcode"].astype(str).str.upper()
-    return df.reset_index(drop=True)
 
 
 def link_slides(slide_paths: list[Path], clinical: pd.DataFrame) -> pd.DataFrame:

@@ -60,21 +60,12 @@ def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 200
     return out
 
 
-def import_demo_cohort(store, demo_dir: Path) -> None:
-    from core.cohort import find_slides, link_slides, load_cdr
-    from core.predict import fingerprint
-
-    clinical = load_cdr(demo_dir / "clinical" / "clinical.csv")
-    slides = link_slides(find_slides(demo_dir / "slides"), clinical)
-    slides["fingerprint"] = [fingerprint(store, Path(p)) for p in slides["slide_path"]]
-    store.save_cohort(DEMO_COHORT, slides, clinical, {"kind": "demo", "dir": str(demo_dir)})
-
-
 def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: int = 200,
                progress=None) -> dict:
     """Run every step; returns counts of computed vs cached slides and the timings."""
+    from core.importer import import_cohort
     from core.modelhub import load_model
-    from core.predict import predict_slide
+    from core.predict import predict_cohort
     from core.store import Store
 
     timings = {}
@@ -86,15 +77,13 @@ def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: 
     timings["model_s"] = time.perf_counter() - t
     model = load_model(DEMO_MODEL, settings.model_dirs)
     t = time.perf_counter()
-    results = []
+    demo = settings.demo_dir
     with Store(settings.store_path) as store:
-        import_demo_cohort(store, settings.demo_dir)
-        slides = store.cohort_slides(DEMO_COHORT)
-        for i, path in enumerate(slides["slide_path"]):
-            results.append(predict_slide(path, model, store, device=settings.device,
-                                         batch_size=settings.batch_size, workers=settings.workers))
-            if progress:
-                progress(i + 1, len(slides))
+        if DEMO_COHORT not in store.cohorts():
+            import_cohort(store, DEMO_COHORT, demo / "slides", demo / "clinical" / "clinical.csv",
+                          fmt="tcga-cdr", tiling=model.tiling())
+        results = predict_cohort(store, DEMO_COHORT, model, device=settings.device,
+                                 batch_size=settings.batch_size, workers=settings.workers, progress=progress)
     timings["predict_s"] = time.perf_counter() - t
     computed = [r for r in results if r.status == "computed"]
     return {"slides": len(results), "computed": len(computed), "cached": len(results) - len(computed),

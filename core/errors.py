@@ -9,7 +9,11 @@ class TesseraError(Exception):
 
 
 class SlideOpenError(TesseraError):
-    """OpenSlide could not open the file (unsupported format, truncated, not a slide)."""
+    """OpenSlide could not open the file; ``kind`` is unsupported, unreadable or missing."""
+
+    def __init__(self, message: str, *, kind: str = "unreadable"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class MissingMppError(TesseraError):

@@ -51,8 +51,9 @@ def fingerprint(store: Store, path: Path) -> str:
     return fp
 
 
-def run_key_for(slide_fp: str, model_key: str, tiling: TilingParams) -> str:
-    payload = f"{slide_fp}|{model_key}|{tiling.key()}".encode()
+def run_key_for(slide_fp: str, model_key: str, tiling: TilingParams, slide_mpp: float) -> str:
+    """The cache key; the slide's µm/px is part of it, since fixing a wrong µm/px changes the tiles."""
+    payload = f"{slide_fp}|{model_key}|{tiling.key()}|{slide_mpp:.6g}".encode()
     return hashlib.blake2b(payload, digest_size=12).hexdigest()
 
 
@@ -132,15 +133,16 @@ def predict_slide(path: str | Path, model: LoadedModel, store: Store, *, device:
     tiling = tiling or model.tiling()
     started = time.perf_counter()
     slide_fp = fingerprint(store, path)
-    run_key = run_key_for(slide_fp, model.key, tiling)
-    existing = store.find_run(run_key)
-    if existing is not None and not force:
-        log.info("%s: cached (run %s, %d tiles), no model work", path.name, run_key, existing["n_tiles"])
-        return SlideResult(path.name, run_key, "cached", int(existing["n_tiles"]), time.perf_counter() - started)
     with Slide(path, mpp_override=mpp_override) as slide:
+        mpp = slide.mpp
+        run_key = run_key_for(slide_fp, model.key, tiling, mpp)
+        existing = store.find_run(run_key)
+        if existing is not None and not force:
+            log.info("%s: cached (run %s, %d tiles), no model work", path.name, run_key, existing["n_tiles"])
+            return SlideResult(path.name, run_key, "cached", int(existing["n_tiles"]),
+                               time.perf_counter() - started)
         grid = tile_grid(slide, tiling)
         width, height = slide.dimensions
-        mpp = slide.mpp
     dev = resolve_device(device)
     dataset = TileDataset(path, grid.xy, grid.size_level0, tiling.out_px, mpp_override)
     out = run_model(model, dataset, device=dev, batch_size=batch_size, workers=workers, progress=progress)
@@ -153,3 +155,20 @@ def predict_slide(path: str | Path, model: LoadedModel, store: Store, *, device:
     store.write_run(record, grid.xy, grid.tissue, out["expression"], out["embedding"], out["composition"])
     log.info("%s: %d tiles in %.1f s (%.1f tiles/s)", path.name, len(grid), seconds, len(grid) / seconds)
     return SlideResult(path.name, run_key, "computed", len(grid), seconds)
+
+
+def predict_cohort(store: Store, cohort: str, model: LoadedModel, *, device: str = "auto", batch_size: int = 64,
+                   workers: int = 1, force: bool = False,
+                   progress: Callable[[int, int, SlideResult], None] | None = None) -> list[SlideResult]:
+    """Predict every usable slide of a cohort (status ``ok``), honouring µm/px overrides."""
+    slides = store.cohort_slides(cohort)
+    usable = slides[slides["status"] == "ok"]
+    results = []
+    for i, row in enumerate(usable.itertuples(index=False)):
+        override = float(row.mpp) if row.mpp_source == "override" else None
+        result = predict_slide(row.slide_path, model, store, device=device, batch_size=batch_size,
+                               workers=workers, mpp_override=override, force=force)
+        results.append(result)
+        if progress:
+            progress(i + 1, len(usable), result)
+    return results

@@ -24,7 +24,9 @@ def mpp_from_properties(props: dict) -> tuple[float | None, str]:
     """Resolve µm/px from slide properties; returns (mpp, source) or (None, "unknown").
 
     Order: ``openslide.mpp-x`` (OpenSlide's own reading, set for Aperio/Hamamatsu/generic TIFF
-    with a metric resolution unit), ``aperio.MPP``, then TIFF resolution + unit.
+    with a metric resolution unit), ``aperio.MPP``, TIFF resolution + unit, and last the
+    objective power (10 / power, e.g. 40× → 0.25): only an *estimate*, since scanners differ,
+    so its source says so and importers warn.
     """
     for key in ("openslide.mpp-x", "aperio.MPP"):
         try:
@@ -38,6 +40,12 @@ def mpp_from_properties(props: dict) -> tuple[float | None, str]:
         unit = str(props.get("tiff.ResolutionUnit", "")).lower()
         if res > 0 and unit in _RES_UNIT_UM:
             return _RES_UNIT_UM[unit] / res, "tiff.XResolution"
+    except (KeyError, TypeError, ValueError):
+        pass
+    try:
+        power = float(props["openslide.objective-power"])
+        if power > 0:
+            return 10.0 / power, "objective-power (estimate)"
     except (KeyError, TypeError, ValueError):
         pass
     return None, "unknown"
@@ -61,13 +69,19 @@ class Slide:
             import openslide
 
             if not self.path.is_file():
-                raise SlideOpenError(f"Slide file not found: {self.path}")
+                raise SlideOpenError(f"Slide file not found: {self.path}", kind="missing")
             try:
                 self._osr = openslide.OpenSlide(str(self.path))
-            except Exception as exc:  # OpenSlideUnsupportedFormatError, OpenSlideError, OSError
+            except openslide.OpenSlideUnsupportedFormatError as exc:
                 raise SlideOpenError(
-                    f"OpenSlide cannot open {self.path.name}: {exc}. Supported: SVS, NDPI, MRXS, "
-                    "SCN, BIF, VMS, generic tiled TIFF."
+                    f"{self.path.name}: not a format OpenSlide reads ({exc or 'unsupported or missing file'}). "
+                    "Supported: SVS, NDPI, MRXS, SCN, BIF, VMS, Philips TIFF, generic tiled TIFF; convert "
+                    "other files (e.g. with vips tiffsave --tile --pyramid).", kind="unsupported"
+                ) from exc
+            except Exception as exc:  # OpenSlideError, OSError: a damaged or truncated file
+                raise SlideOpenError(
+                    f"{self.path.name}: OpenSlide cannot read this file ({exc}). It may be truncated or "
+                    "damaged; download it again.", kind="unreadable"
                 ) from exc
         return self._osr
 
@@ -106,6 +120,13 @@ class Slide:
     @property
     def level_downsamples(self) -> tuple[float, ...]:
         return self.osr.level_downsamples
+
+    @property
+    def objective_power(self) -> float | None:
+        try:
+            return float(self.osr.properties["openslide.objective-power"])
+        except (KeyError, TypeError, ValueError):
+            return None
 
     @property
     def vendor(self) -> str:
@@ -197,55 +218,42 @@ class TileGrid:
         return len(self.xy)
 
 
-def tissue_mask(slide: Slide, *, mask_mpp: float = 8.0) -> tuple[np.ndarray, float]:
-    """Boolean tissue mask on a thumbnail; returns (mask, level-0 px per mask px).
+def tissue_mask(slide: Slide, *, mask_mpp: float = 8.0):
+    """Tissue detection on a thumbnail of about ``mask_mpp`` µm/px.
 
-    Tissue = saturated (Otsu on HSV saturation) and not near-white glass, cleaned with a
-    morphological close/open and hole filling. Pen marks and debris are handled in issue 3.
+    Returns ``(TissueMask, thumbnail RGB, level-0 px per mask px)``; see :mod:`core.tissue`
+    (saturation/optical-density Otsu with floors, cleanup, pen-ink and padding rejection).
     """
-    from scipy import ndimage
-    from skimage.filters import threshold_otsu
+    from core.tissue import detect_tissue
 
     w, h = slide.dimensions
     scale = max(mask_mpp / slide.mpp, 1.0)
-    thumb = slide.thumbnail(int(max(w, h) / scale))
-    rgb = np.asarray(thumb).astype(np.float32) / 255.0
-    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-    try:
-        thr = max(threshold_otsu(sat), 0.05)
-    except ValueError:  # constant image
-        thr = 1.0
-    mask = (sat > thr) & (rgb.mean(axis=2) < 0.92)
-    mask = ndimage.binary_closing(mask, iterations=2)
-    mask = ndimage.binary_opening(mask, iterations=1)
-    mask = ndimage.binary_fill_holes(mask)
-    return mask, w / mask.shape[1]
+    thumb = np.asarray(slide.thumbnail(int(max(w, h) / scale)))
+    mask_scale = w / thumb.shape[1]
+    return detect_tissue(thumb, mpp=slide.mpp * mask_scale), thumb, mask_scale
 
 
-def tile_grid(slide: Slide, params: TilingParams) -> TileGrid:
-    """A non-overlapping grid of tiles of ``params.tile_um`` µm over the tissue."""
+def tile_grid(slide: Slide, params: TilingParams, *, tissue=None) -> TileGrid:
+    """A non-overlapping grid of ``params.tile_um`` µm tiles keeping those with enough tissue.
+
+    ``tissue`` may be a precomputed ``(TissueMask, thumb, mask_scale)`` from :func:`tissue_mask`.
+    """
+    from core.tissue import tile_tissue_fraction
+
     size = int(round(params.tile_um / slide.mpp))
     w, h = slide.dimensions
-    mask, mask_scale = tissue_mask(slide, mask_mpp=params.mask_mpp)
-    integral = np.pad(mask.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    xs = np.arange(0, w - size + 1, size)
-    ys = np.arange(0, h - size + 1, size)
-    gx, gy = np.meshgrid(xs, ys)
-    x0 = np.clip((gx / mask_scale).astype(int), 0, mask.shape[1])
-    y0 = np.clip((gy / mask_scale).astype(int), 0, mask.shape[0])
-    x1 = np.clip(((gx + size) / mask_scale).astype(int), 0, mask.shape[1])
-    y1 = np.clip(((gy + size) / mask_scale).astype(int), 0, mask.shape[0])
-    area = np.maximum((x1 - x0) * (y1 - y0), 1)
-    frac = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / area
+    detected, _, mask_scale = tissue or tissue_mask(slide, mask_mpp=params.mask_mpp)
+    gx, gy = np.meshgrid(np.arange(0, w - size + 1, size), np.arange(0, h - size + 1, size))
+    xy = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
+    frac = tile_tissue_fraction(detected.mask, mask_scale, xy, size)
     keep = frac >= params.min_tissue
     if not keep.any():
         raise NoTissueError(
-            f"{slide.path.name}: no tile has ≥ {params.min_tissue:.0%} tissue. Check the slide, "
-            "or lower the tissue threshold."
+            f"{slide.path.name}: no {params.tile_um:g} µm tile has ≥ {params.min_tissue:.0%} tissue "
+            f"(tissue covers {detected.fraction:.1%} of the slide). Check the slide, or lower the "
+            "tissue threshold."
         )
-    xy = np.stack([gx[keep], gy[keep]], axis=1).astype(np.int64)
-    return TileGrid(xy=xy, size_level0=size, tissue=frac[keep].astype(np.float32), params=params)
+    return TileGrid(xy=xy[keep], size_level0=size, tissue=frac[keep].astype(np.float32), params=params)
 
 
 def file_fingerprint(path: str | Path, *, chunk: int = 1 << 22) -> str:
@@ -255,3 +263,26 @@ def file_fingerprint(path: str | Path, *, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def preview(path: str | Path, params: TilingParams, *, mpp_override: float | None = None,
+            max_px: int = 1024) -> tuple[np.ndarray, dict]:
+    """The tissue mask and tile grid drawn over a thumbnail, plus figures about them."""
+    from core.tissue import render_preview
+
+    with Slide(path, mpp_override=mpp_override) as slide:
+        detected, thumb, mask_scale = tissue_mask(slide, mask_mpp=params.mask_mpp)
+        try:
+            grid = tile_grid(slide, params, tissue=(detected, thumb, mask_scale))
+            tiles = (grid.xy, grid.size_level0)
+        except NoTissueError:
+            grid, tiles = None, None
+        image = render_preview(thumb, detected, grid=tiles, scale=mask_scale)
+    if max(image.shape[:2]) > max_px:
+        from PIL import Image
+
+        img = Image.fromarray(image)
+        img.thumbnail((max_px, max_px))
+        image = np.asarray(img)
+    return image, {"tissue_fraction": detected.fraction, "n_tiles": 0 if grid is None else len(grid),
+                   "pen_px": int(detected.pen.sum()), "tile_px": int(round(params.tile_um / slide.mpp))}

@@ -27,7 +27,7 @@ import pyarrow as pa
 from core.errors import StoreError
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -53,7 +53,16 @@ CREATE TABLE IF NOT EXISTS cohorts (
 CREATE TABLE IF NOT EXISTS cohort_slides (
     cohort VARCHAR, slide_name VARCHAR, slide_path VARCHAR, patient VARCHAR,
     sample_type VARCHAR, slide_type VARCHAR, fingerprint VARCHAR, status VARCHAR, message VARCHAR);
+CREATE TABLE IF NOT EXISTS cohort_issues (
+    cohort VARCHAR, severity VARCHAR, kind VARCHAR, subject VARCHAR, message VARCHAR);
 """
+
+# v2: the import report's columns on cohort_slides (added in place to v1 stores).
+_COHORT_SLIDE_V2 = [("link", "VARCHAR"), ("selected", "BOOLEAN"), ("vendor", "VARCHAR"), ("width", "INTEGER"),
+                    ("height", "INTEGER"), ("levels", "INTEGER"), ("mpp", "DOUBLE"), ("mpp_source", "VARCHAR"),
+                    ("objective", "DOUBLE"), ("tissue_fraction", "DOUBLE"), ("n_tiles", "INTEGER")]
+SLIDE_COLUMNS = ["slide_name", "slide_path", "patient", "sample_type", "slide_type", "fingerprint", "status",
+                 "message", *(c for c, _ in _COHORT_SLIDE_V2)]
 
 
 def _ident(name: str) -> str:
@@ -95,7 +104,11 @@ class Store:
         try:
             self.con = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.IOException as exc:
-            raise StoreError(f"Cannot open the store {self.path}: {exc}") from exc
+            busy = "lock" in str(exc).lower()
+            raise StoreError(
+                f"The store {self.path.name} is busy: another process (a CLI job?) is writing to it. "
+                "Try again when it has finished." if busy else f"Cannot open the store {self.path}: {exc}"
+            ) from exc
         if not read_only:
             self._migrate()
 
@@ -110,11 +123,15 @@ class Store:
 
     def _migrate(self) -> None:
         self.con.execute(_SCHEMA)
+        for column, kind in _COHORT_SLIDE_V2:
+            self.con.execute(f"ALTER TABLE cohort_slides ADD COLUMN IF NOT EXISTS {column} {kind}")
         row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
         elif int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema v{row[0]}, newer than this Tessera (v{SCHEMA_VERSION}).")
+        else:
+            self.con.execute("UPDATE meta SET value=? WHERE key='schema_version'", [str(SCHEMA_VERSION)])
 
     # -- fingerprints -------------------------------------------------------------------------
     def cached_fingerprint(self, path: str, size: int, mtime_ns: int) -> str | None:
@@ -202,17 +219,21 @@ class Store:
                 con.unregister(name)
 
     # -- cohorts ------------------------------------------------------------------------------
-    def save_cohort(self, name: str, slides: pd.DataFrame, clinical: pd.DataFrame, source: dict) -> None:
-        """Replace cohort ``name``: its slide list (see ``cohort_slides`` columns) and clinical table."""
+    def save_cohort(self, name: str, slides: pd.DataFrame, clinical: pd.DataFrame, source: dict,
+                    issues: list[dict] | None = None) -> None:
+        """Replace cohort ``name``: its slides (``SLIDE_COLUMNS``), clinical table and import issues."""
         table = "clinical_" + _slug(name)
-        cols = ["slide_name", "slide_path", "patient", "sample_type", "slide_type", "fingerprint", "status", "message"]
-        slides = slides.reindex(columns=cols).assign(cohort=name)[["cohort", *cols]]
+        slides = slides.reindex(columns=SLIDE_COLUMNS).assign(cohort=name)[["cohort", *SLIDE_COLUMNS]]
+        issues_df = pd.DataFrame(issues or [], columns=["severity", "kind", "subject", "message"]).assign(cohort=name)
         con = self.con
         con.execute("BEGIN")
         try:
             con.execute("DELETE FROM cohort_slides WHERE cohort=?", [name])
+            con.execute("DELETE FROM cohort_issues WHERE cohort=?", [name])
             con.register("_slides", slides)
-            con.execute("INSERT INTO cohort_slides SELECT * FROM _slides")
+            con.execute(f"INSERT INTO cohort_slides (cohort, {', '.join(SLIDE_COLUMNS)}) SELECT * FROM _slides")
+            con.register("_issues", issues_df[["cohort", "severity", "kind", "subject", "message"]])
+            con.execute("INSERT INTO cohort_issues SELECT * FROM _issues")
             con.register("_clin", clinical)
             con.execute(f"CREATE OR REPLACE TABLE {_ident(table)} AS SELECT * FROM _clin")
             con.execute("INSERT OR REPLACE INTO cohorts VALUES (?, ?, ?, now())", [name, table, json.dumps(source)])
@@ -221,8 +242,25 @@ class Store:
             con.execute("ROLLBACK")
             raise
         finally:
-            con.unregister("_slides")
-            con.unregister("_clin")
+            for view in ("_slides", "_issues", "_clin"):
+                con.unregister(view)
+
+    def update_slide(self, cohort: str, slide_path: str, values: dict) -> None:
+        """Update import-report columns of one slide (e.g. after a µm/px fix)."""
+        bad = set(values) - set(SLIDE_COLUMNS)
+        if bad:
+            raise StoreError(f"unknown slide columns {sorted(bad)}")
+        sets = ", ".join(f"{_ident(k)} = ?" for k in values)
+        self.con.execute(f"UPDATE cohort_slides SET {sets} WHERE cohort=? AND slide_path=?",
+                         [*values.values(), cohort, slide_path])
+
+    def cohort_issues(self, cohort: str) -> pd.DataFrame:
+        return self.con.execute("SELECT severity, kind, subject, message FROM cohort_issues WHERE cohort=?",
+                                [cohort]).df()
+
+    def cohort_source(self, cohort: str) -> dict:
+        row = self.con.execute("SELECT source FROM cohorts WHERE name=?", [cohort]).fetchone()
+        return json.loads(row[0]) if row else {}
 
     def cohorts(self) -> list[str]:
         return [r[0] for r in self.con.execute("SELECT name FROM cohorts ORDER BY created_at").fetchall()]
@@ -240,11 +278,12 @@ class Store:
     def cohort_runs(self, cohort: str, model_key: str) -> pd.DataFrame:
         """Every slide of the cohort with its latest complete run for the model (or NULL)."""
         return self.con.execute("""
-            SELECT s.*, r.run_key, r.n_tiles, r.tile_size, r.width, r.height, r.finished_at
+            SELECT s.* EXCLUDE (n_tiles, width, height), r.run_key, r.n_tiles, r.tile_size,
+                   coalesce(r.width, s.width) AS width, coalesce(r.height, s.height) AS height, r.finished_at
             FROM cohort_slides s
             LEFT JOIN (SELECT * FROM runs WHERE model_key = ?
-                       QUALIFY row_number() OVER (PARTITION BY slide_fp ORDER BY finished_at DESC) = 1) r
-              ON r.slide_fp = s.fingerprint
+                       QUALIFY row_number() OVER (PARTITION BY slide_fp, mpp ORDER BY finished_at DESC) = 1) r
+              ON r.slide_fp = s.fingerprint AND abs(r.mpp - s.mpp) < 1e-9
             WHERE s.cohort = ? ORDER BY s.patient, s.slide_name""", [model_key, cohort]).df()
 
     # -- queries for pages --------------------------------------------------------------------

@@ -54,6 +54,51 @@ def query(target: str, *args, **kwargs):
     return _cached_call(str(path), _mtime(path), target, args, tuple(sorted(kwargs.items())))
 
 
+@contextlib.contextmanager
+def write_store():
+    """A short-lived read-write connection for the few actions that change the store."""
+    from core.store import Store
+
+    with Store(store_path()) as store:
+        yield store
+    st.cache_data.clear()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def preview(slide_path: str, tile_um: float, mpp: float, mpp_override: float | None):
+    from core.slides import TilingParams, preview as render
+
+    return render(slide_path, TilingParams(tile_um=tile_um, mpp=mpp), mpp_override=mpp_override)
+
+
+def model_tiling(model_key: str) -> tuple[float, float]:
+    card = query("store:model_info", model_key)["card"]
+    return float(card["tile_um"]), float(card["mpp"])
+
+
+def mpp_fix_form(cohort: str, slide_name: str, slide_path: str, key: str) -> None:
+    """Let the user state a slide's µm/px; the slide is re-probed and becomes predictable."""
+    from core.importer import fix_slide_mpp
+
+    with st.form(key=f"mppfix_{key}"):
+        st.write(f"**{slide_name}** has no µm/px in its metadata. Typical values: 0.25 (40×), 0.5 (20×).")
+        mpp = st.number_input("µm per pixel at level 0", min_value=0.05, max_value=20.0, value=0.5, step=0.001,
+                              format="%.4f", key=f"mpp_{key}")
+        if st.form_submit_button("Save µm/px"):
+            with write_store() as store:
+                row = fix_slide_mpp(store, cohort, slide_path, mpp)
+            st.session_state["flash"] = f"Saved {mpp:g} µm/px for {slide_name}: the slide is now " \
+                                        f"'{row['status']}'. {row.get('message') or ''}"
+            st.rerun()
+
+
+def flash() -> None:
+    """Show (once) the message an action left before it reran the page."""
+    message = st.session_state.pop("flash", None)
+    if message:
+        st.success(message)
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def thumbnail(slide_path: str, max_px: int = 1024):
     import numpy as np

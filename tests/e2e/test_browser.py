@@ -84,6 +84,18 @@ def test_pages_in_a_real_browser(server, page):
     page.screenshot(path=str(ARTIFACTS / "survival.png"))
     assert page.locator("[data-testid='stException']").count() == 0
 
+    page.goto(f"{server}/importer")
+    page.get_by_text("Link report").first.wait_for(timeout=60_000)
+    page.get_by_text("Patients without slides").first.wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "import.png"), full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0
+
+    page.goto(f"{server}/slide")
+    page.get_by_text("Tissue mask and tile grid").first.click(timeout=60_000)
+    page.locator("[data-testid='stImage']").first.wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "slide_mask.png"))
+    assert page.locator("[data-testid='stException']").count() == 0
+
     page.goto(f"{server}/crossmodal")
     page.locator("[data-testid='stImage']").first.wait_for(timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "crossmodal.png"))

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from core.cohort import link_slides, load_cdr, parse_barcode, survival_frame
+from core.cohort import link_slides, parse_barcode, survival_frame
 from core.errors import ClinicalFormatError
 
 
@@ -24,16 +24,13 @@ def test_link_reports_every_slide(tmp_path):
     assert report["message"].iloc[2] == "no TCGA barcode in the file name"
 
 
-def test_load_real_cdr_brca(shared_data):
-    df = load_cdr(shared_data / "clinical" / "TCGA-CDR_BRCA.csv")
-    # 1,097 patients of which 5 are marked "Redacted" (dropped, as the CDR authors advise).
-    assert len(df) == 1092 and df["OS"].sum() == 151
-    surv = survival_frame(df, "OS")
+def test_survival_frame_on_real_brca(shared_data):
+    from core.clinical import read_clinical
+
+    clinical = read_clinical(shared_data / "clinical" / "TCGA-CDR_BRCA.csv").table
+    surv = survival_frame(clinical, "OS")
+    # 1,092 non-redacted patients, one (TCGA-OL-A66H) without OS.time
+    assert len(surv) == 1091 and surv["event"].sum() == 151
     assert surv["time"].min() >= 0 and set(surv["event"].unique()) <= {0, 1}
-
-
-def test_cdr_without_barcode_is_rejected(tmp_path):
-    path = tmp_path / "x.csv"
-    pd.DataFrame({"id": [1]}).to_csv(path, index=False)
-    with pytest.raises(ClinicalFormatError, match="bcr_patient_barcode"):
-        load_cdr(path)
+    with pytest.raises(ClinicalFormatError, match="Unknown endpoint"):
+        survival_frame(clinical, "XYZ")

@@ -41,9 +41,10 @@ def logrank_by_hand(t1, e1, t2, e2):
 
 @pytest.fixture(scope="module")
 def brca(shared_data):
-    from core.cohort import load_cdr, survival_frame
+    from core.clinical import read_clinical
+    from core.cohort import survival_frame
 
-    clin = load_cdr(shared_data / "clinical" / "TCGA-CDR_BRCA.csv")
+    clin = read_clinical(shared_data / "clinical" / "TCGA-CDR_BRCA.csv").table
     surv = survival_frame(clin, "OS").merge(
         clin[["bcr_patient_barcode", "age_at_initial_pathologic_diagnosis"]].rename(
             columns={"bcr_patient_barcode": "patient", "age_at_initial_pathologic_diagnosis": "age"}))

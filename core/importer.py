@@ -1,0 +1,216 @@
+"""Importing a cohort as users have it: a folder of slides + a clinical table → a link report.
+
+Every file found and every clinical patient ends up in the report with a status and a reason;
+nothing is dropped silently. Slide statuses:
+
+- ``ok``            readable, µm/px known, tissue found
+- ``needs_mpp``     readable but no µm/px in the metadata: fix it in the UI or with ``--mpp``
+- ``no_tissue``     readable, but no tile has enough tissue
+- ``unsupported``   a format OpenSlide does not read (plain TIFF, DICOM in OpenSlide 4.0, …)
+- ``unreadable``    OpenSlide fails on it: truncated or damaged
+- ``duplicate``     same content as another slide in the folder (kept once)
+- ``not_a_slide``   a file with no whole-slide suffix (listed, not opened)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from core.cohort import SLIDE_SUFFIXES, parse_barcode
+from core.errors import ClinicalFormatError, NoTissueError, SlideOpenError
+from core.slides import Slide, TilingParams, tile_grid, tissue_mask
+
+log = logging.getLogger(__name__)
+CANDIDATE_SUFFIXES = SLIDE_SUFFIXES | {".dcm", ".isyntax", ".czi", ".qptiff"}
+SLIDE_COLUMNS = ["slide_name", "slide_path", "patient", "sample_type", "slide_type", "fingerprint", "status",
+                 "message", "link", "selected", "vendor", "width", "height", "levels", "mpp", "mpp_source",
+                 "objective", "tissue_fraction", "n_tiles"]
+
+
+@dataclass
+class ImportReport:
+    """What an import found: one row per file, the patients without slides, clinical issues."""
+
+    name: str
+    slides: pd.DataFrame
+    clinical: pd.DataFrame
+    clinical_format: str
+    issues: list[dict] = field(default_factory=list)
+
+    @property
+    def patients_without_slides(self) -> list[str]:
+        have = set(self.slides["patient"].dropna())
+        return sorted(set(self.clinical["bcr_patient_barcode"]) - have)
+
+    def counts(self) -> dict[str, int]:
+        c = self.slides["status"].value_counts().to_dict()
+        return {"files": len(self.slides), "linked": int((self.slides["link"] == "linked").sum()),
+                "patients": int(self.clinical["bcr_patient_barcode"].nunique()),
+                "patients_without_slides": len(self.patients_without_slides), **c}
+
+
+def read_mpp_overrides(path: str | Path) -> dict[str, float]:
+    """A CSV ``slide,mpp``: slide = file name, stem or path. Returns name → µm/px."""
+    df = pd.read_csv(path)
+    cols = {c.lower().strip(): c for c in df.columns}
+    if "slide" not in cols or "mpp" not in cols:
+        raise ClinicalFormatError(f"{Path(path).name}: an µm/px override file needs columns 'slide,mpp'; "
+                                  f"found {', '.join(map(str, df.columns))}.")
+    out = {}
+    for slide, mpp in zip(df[cols["slide"]].astype(str), pd.to_numeric(df[cols["mpp"]], errors="coerce")):
+        if not np.isfinite(mpp) or not 0.05 <= mpp <= 20:
+            raise ClinicalFormatError(f"{Path(path).name}: µm/px for {slide} must be between 0.05 and 20, got {mpp}.")
+        out[Path(slide).name] = float(mpp)
+    return out
+
+
+def _override_for(path: Path, overrides: dict[str, float]) -> float | None:
+    for key in (path.name, path.stem, path.name.split(".")[0]):
+        if key in overrides:
+            return overrides[key]
+    return None
+
+
+def probe_slide(path: Path, *, tiling: TilingParams, mpp_override: float | None = None) -> dict:
+    """Open a slide and find out whether it can be predicted; never raises for bad slides."""
+    row: dict = {"slide_name": path.name, "slide_path": str(path.resolve()), "status": "ok", "message": ""}
+    try:
+        with Slide(path, mpp_override=mpp_override) as slide:
+            row.update(vendor=slide.vendor, width=slide.dimensions[0], height=slide.dimensions[1],
+                       levels=slide.level_count, objective=slide.objective_power)
+            slide.thumbnail(256)  # decodes the low levels: catches truncated files early
+            try:
+                row.update(mpp=slide.mpp, mpp_source=slide.mpp_source)
+            except Exception as exc:  # MissingMppError
+                row.update(status="needs_mpp", message=str(exc), mpp_source="unknown")
+                return row
+            if "estimate" in slide.mpp_source:
+                row["message"] = (f"µm/px {slide.mpp:.3g} estimated from the objective power "
+                                  f"({slide.objective_power:g}×); set it exactly if known.")
+            detected = tissue_mask(slide, mask_mpp=tiling.mask_mpp)
+            row["tissue_fraction"] = float(detected[0].fraction)
+            row["n_tiles"] = len(tile_grid(slide, tiling, tissue=detected))
+    except SlideOpenError as exc:
+        row.update(_classify_open_error(path, exc))
+    except NoTissueError as exc:
+        row.update(status="no_tissue", message=str(exc), n_tiles=0)
+    except Exception as exc:  # OpenSlideError while decoding tiles of a damaged file
+        row.update(status="unreadable", message=f"{path.name}: reading failed ({type(exc).__name__}: {exc}); "
+                                                "the file may be truncated or damaged.")
+    return row
+
+
+# Formats whose files always open when intact: OpenSlide refusing one means damage, not format.
+_VENDOR_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
+
+
+def _classify_open_error(path: Path, exc: SlideOpenError) -> dict:
+    suffix = path.suffix.lower()
+    if exc.kind == "unsupported" and suffix in _VENDOR_SUFFIXES:
+        return {"status": "unreadable", "message": (
+            f"{path.name}: OpenSlide does not recognise this {suffix} file ({path.stat().st_size:,} bytes); "
+            "it is probably truncated or damaged. Download it again.")}
+    if suffix == ".dcm":
+        return {"status": "unsupported", "message": (
+            f"{path.name}: OpenSlide could not read this DICOM file ({exc.__cause__ or exc}). DICOM WSI needs "
+            "the complete series of one slide in its own folder; otherwise convert it to a pyramidal TIFF.")}
+    if exc.kind == "unsupported" and suffix in {".tif", ".tiff"}:
+        return {"status": "unsupported", "message": (
+            f"{path.name}: a TIFF without a tiled pyramid, which OpenSlide does not read as a slide. "
+            "Convert it to a tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid).")}
+    return {"status": exc.kind if exc.kind in ("unsupported", "unreadable") else "unreadable", "message": str(exc)}
+
+
+def _select_per_patient(df: pd.DataFrame) -> pd.Series:
+    """Default slide per patient: usable first, then diagnostic (DX), primary tumour, then name."""
+    rank = pd.DataFrame({
+        "usable": ~(df["status"] == "ok"),
+        "dx": ~df["slide_type"].fillna("").str.startswith("diagnostic"),
+        "primary": ~(df["sample_type"] == "primary tumour"),
+        "name": df["slide_name"],
+    }, index=df.index)
+    selected = pd.Series(False, index=df.index)
+    linked = df[df["patient"].notna() & df["status"].isin(["ok", "needs_mpp"])]
+    for _, idx in linked.groupby("patient").groups.items():
+        selected[rank.loc[idx].sort_values(["usable", "dx", "primary", "name"]).index[0]] = True
+    return selected
+
+
+def scan_folder(folder: Path, *, tiling: TilingParams, fingerprint: Callable[[Path], str],
+                mpp_overrides: dict[str, float] | None = None,
+                progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
+    """Probe every file under ``folder`` (recursively); one row per file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ClinicalFormatError(f"Slide folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    rows, seen = [], {}
+    for i, path in enumerate(files):
+        if progress:
+            progress(i, len(files), path.name)
+        if path.suffix.lower() not in CANDIDATE_SUFFIXES:
+            rows.append({"slide_name": path.name, "slide_path": str(path.resolve()), "status": "not_a_slide",
+                         "message": f"ignored: {path.suffix or 'no'} suffix is not a whole-slide format"})
+            continue
+        fp = fingerprint(path)
+        if fp in seen:
+            rows.append({"slide_name": path.name, "slide_path": str(path.resolve()), "fingerprint": fp,
+                         "status": "duplicate", "message": f"same content as {seen[fp]}; imported once"})
+            continue
+        seen[fp] = path.name
+        row = probe_slide(path, tiling=tiling, mpp_override=_override_for(path, mpp_overrides or {}))
+        rows.append({**row, "fingerprint": fp})
+    return pd.DataFrame(rows).reindex(columns=SLIDE_COLUMNS)
+
+
+def link(slides: pd.DataFrame, clinical: pd.DataFrame) -> pd.DataFrame:
+    """Add barcode fields, the link status and the per-patient default slide."""
+    slides = slides.copy()
+    patients = set(clinical["bcr_patient_barcode"].astype(str))
+    barcodes = [parse_barcode(n) if s != "not_a_slide" else None for n, s in zip(slides["slide_name"], slides["status"])]
+    slides["patient"] = [b.patient if b else None for b in barcodes]
+    slides["sample_type"] = [b.sample_type if b else None for b in barcodes]
+    slides["slide_type"] = [b.slide_type if b else None for b in barcodes]
+    slides["link"] = [
+        "not a slide" if s == "not_a_slide" else
+        "no barcode" if b is None else "linked" if b.patient in patients else "no clinical"
+        for b, s in zip(barcodes, slides["status"])]
+    slides["selected"] = _select_per_patient(slides)
+    return slides
+
+
+def import_cohort(store, name: str, slides_dir: Path, clinical_path: Path, *, mapping=None, fmt: str | None = None,
+                  mpp_overrides: dict[str, float] | None = None, tiling: TilingParams | None = None,
+                  progress=None) -> ImportReport:
+    """Scan, probe, link and save cohort ``name`` in the store; returns the link report."""
+    from core.clinical import read_clinical
+    from core.predict import fingerprint
+
+    clinical = read_clinical(clinical_path, mapping=mapping, fmt=fmt)
+    tiling = tiling or TilingParams()
+    slides = scan_folder(slides_dir, tiling=tiling, fingerprint=lambda p: fingerprint(store, p),
+                         mpp_overrides=mpp_overrides, progress=progress)
+    slides = link(slides, clinical.table)
+    issues = [{"severity": i.severity, "kind": "clinical", "subject": i.patient or i.column or "",
+               "message": i.message} for i in clinical.issues]
+    report = ImportReport(name, slides, clinical.table, clinical.format, issues)
+    store.save_cohort(name, slides, clinical.table,
+                      {"kind": "import", "slides": str(slides_dir), "clinical": str(clinical_path),
+                       "format": clinical.format}, issues=issues)
+    log.info("import %s: %s", name, report.counts())
+    return report
+
+
+def fix_slide_mpp(store, cohort: str, slide_path: str, mpp: float, *, tiling: TilingParams | None = None) -> dict:
+    """Set a user-given µm/px for one slide, re-probe it with that value and save the new status."""
+    if not 0.05 <= float(mpp) <= 20:
+        raise ClinicalFormatError(f"µm/px must be between 0.05 and 20 (typical: 0.25 at 40×, 0.5 at 20×); got {mpp}.")
+    row = probe_slide(Path(slide_path), tiling=tiling or TilingParams(), mpp_override=float(mpp))
+    store.update_slide(cohort, slide_path, {k: row.get(k) for k in
+                                            ("status", "message", "mpp", "mpp_source", "tissue_fraction", "n_tiles")})
+    return row

@@ -1,0 +1,135 @@
+"""Import: a folder of slides + a clinical table → a cohort, with a link report; µm/px fixes."""
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from pages import _ui
+
+STATUS_HELP = {
+    "ok": "ready to predict", "needs_mpp": "set its µm/px below", "no_tissue": "no tile with enough tissue",
+    "unsupported": "a format OpenSlide does not read", "unreadable": "truncated or damaged",
+    "duplicate": "same content as another file", "not_a_slide": "not a whole-slide file",
+}
+
+
+def saved_upload(upload, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / Path(upload.name).name
+    path.write_bytes(upload.getvalue())
+    return path
+
+
+def mapping_widgets(clinical_path: Path):
+    """For generic tables: choose the patient, time and event columns."""
+    from core.clinical import ColumnMapping, preview_columns, suggest_mapping
+
+    columns = preview_columns(clinical_path)
+    guess = suggest_mapping(columns)
+    guess_ep = next(iter(guess.endpoints.items()), (None, (None, None))) if guess else (None, (None, None))
+
+    def pick(label, default, key):
+        options = ["—", *columns]
+        return st.selectbox(label, options, index=options.index(default) if default in options else 0, key=key)
+
+    c1, c2, c3, c4, c5 = st.columns(5)
+    with c1:
+        patient = pick("Patient id", guess.patient if guess else None, "imp_pat")
+    endpoint = c2.selectbox("Endpoint", ["OS", "DSS", "DFI", "PFI"], key="imp_ep")
+    with c3:
+        time_col = pick("Time", guess_ep[1][0] if isinstance(guess_ep[1][0], str) else None, "imp_time")
+    with c4:
+        event_col = pick("Event", guess_ep[1][1], "imp_event")
+    unit = c5.selectbox("Time unit", ["days", "months", "years"], key="imp_unit",
+                        index=["days", "months", "years"].index(guess.time_unit) if guess else 0)
+    if patient == "—":
+        st.warning("Choose the column that holds the patient id.")
+        return None
+    endpoints = {endpoint: (time_col, event_col)} if "—" not in (time_col, event_col) else {}
+    return ColumnMapping(patient=patient, endpoints=endpoints, time_unit=unit)
+
+
+def import_form() -> None:
+    from core.importer import import_cohort, read_mpp_overrides
+
+    uploads = _ui.settings().data_dir / "uploads"
+    name = st.text_input("Cohort name", value="my-cohort", key="imp_name")
+    slides_dir = st.text_input("Slides folder on this server (searched recursively)", key="imp_slides")
+    c1, c2 = st.columns(2)
+    clinical_path = c1.text_input("Clinical file on this server (TCGA-CDR, GDC export, CSV/TSV/XLSX)", key="imp_clin")
+    upload = c2.file_uploader("…or upload it", type=["csv", "tsv", "txt", "xlsx", "gz"], key="imp_upload")
+    mpp_upload = st.file_uploader("Optional µm/px overrides (CSV with columns slide,mpp)", type=["csv"], key="imp_mpp")
+    fmt = st.selectbox("Clinical format", ["auto-detect", "tcga-cdr", "gdc", "generic"], key="imp_fmt")
+    clinical = saved_upload(upload, uploads) if upload else (Path(clinical_path) if clinical_path else None)
+    mapping = None
+    if clinical is not None and fmt == "generic":
+        if not clinical.is_file():
+            st.error(f"Clinical file not found: {clinical}")
+            return
+        mapping = mapping_widgets(clinical)
+    if st.button("Import cohort", type="primary", key="imp_go"):
+        if not slides_dir or clinical is None:
+            st.error("Give a slides folder and a clinical file.")
+            return
+        if not Path(slides_dir).is_dir():
+            st.error(f"Slides folder not found on the server: {slides_dir}")
+            return
+        overrides = read_mpp_overrides(saved_upload(mpp_upload, uploads)) if mpp_upload else None
+        bar = st.progress(0.0, text="Scanning slides…")
+        with _ui.write_store() as store:
+            report = import_cohort(store, name, Path(slides_dir), clinical, mapping=mapping,
+                                   fmt=None if fmt == "auto-detect" else fmt, mpp_overrides=overrides,
+                                   progress=lambda i, n, f: bar.progress(i / max(n, 1), text=f"Probing {f}"))
+        bar.empty()
+        counts = report.counts()
+        st.success(f"Imported '{name}': {counts['files']} files, {counts['linked']} linked to "
+                   f"{counts['patients']} patients ({report.clinical_format}).")
+        st.session_state["report_cohort"] = name
+
+
+def report(cohort: str) -> None:
+    slides = _ui.query("store:cohort_slides", cohort)
+    clinical = _ui.query("store:clinical", cohort)
+    issues = _ui.query("store:cohort_issues", cohort)
+    patients = set(clinical["bcr_patient_barcode"].astype(str))
+    without = sorted(patients - set(slides["patient"].dropna()))
+    counts = slides["status"].value_counts()
+    cols = st.columns(5)
+    cols[0].metric("Files", len(slides))
+    cols[1].metric("Ready", int(counts.get("ok", 0)))
+    cols[2].metric("Linked", int((slides["link"] == "linked").sum()))
+    cols[3].metric("Patients", len(patients))
+    cols[4].metric("Patients without slides", len(without))
+    summary = pd.DataFrame({"status": counts.index, "slides": counts.values,
+                            "meaning": [STATUS_HELP.get(s, "") for s in counts.index]})
+    st.dataframe(summary, hide_index=True, key="imp_summary")
+    shown = ["slide_name", "patient", "status", "link", "selected", "slide_type", "mpp", "mpp_source", "vendor",
+             "levels", "n_tiles", "tissue_fraction", "message"]
+    st.dataframe(slides[shown], hide_index=True, width="stretch", key="imp_slides_table")
+    with st.expander(f"Patients without slides ({len(without)})"):
+        st.dataframe(pd.DataFrame({"patient": without}), hide_index=True, key="imp_without")
+    if not issues.empty:
+        with st.expander(f"Clinical table: {len(issues)} notes"):
+            st.dataframe(issues, hide_index=True, width="stretch", key="imp_issues")
+    st.download_button("Export link report (CSV)", slides.drop(columns=["fingerprint"]).to_csv(index=False),
+                       file_name=f"tessera_{cohort}_link_report.csv", mime="text/csv", key="imp_export")
+    needs = slides[slides["status"] == "needs_mpp"]
+    if not needs.empty:
+        st.subheader("Slides that need µm/px")
+        choice = st.selectbox("Slide", list(needs["slide_name"]), key="imp_fix_slide")
+        row = needs[needs["slide_name"] == choice].iloc[0]
+        _ui.mpp_fix_form(cohort, row["slide_name"], row["slide_path"], key="imp")
+
+
+st.header("Import a cohort")
+with _ui.guard():
+    _ui.flash()
+    with st.expander("New import", expanded=not _ui.store_path().exists()):
+        import_form()
+    cohorts = _ui.query("store:cohorts") if _ui.store_path().exists() else []
+    if cohorts:
+        st.subheader("Link report")
+        default = st.session_state.get("report_cohort")
+        cohort = st.selectbox("Cohort", cohorts, index=cohorts.index(default) if default in cohorts else 0,
+                              key="imp_report_cohort")
+        report(cohort)

@@ -1,0 +1,65 @@
+"""The Import page: a real folder of mixed slides + the real TCGA-CDR table, through the UI."""
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from tests.unit.test_importer import FROZEN_SAME_PATIENT, cohort_dir  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def slides_table(at):
+    return next(d.value for d in at.dataframe if "slide_name" in d.value.columns)
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_DEMO_DIR", str(tmp_path / "nodemo"))
+    monkeypatch.setenv("TESSERA_STORE", str(tmp_path / "store.duckdb"))
+    monkeypatch.setenv("TESSERA_DATA_DIR", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/importer.py")
+    at.run()
+    yield at
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def test_import_through_the_ui(app, cohort_dir, shared_data):  # noqa: F811
+    at = app
+    assert not at.exception
+    at.text_input(key="imp_name").input("brca-ui")
+    at.text_input(key="imp_slides").input(str(cohort_dir))
+    at.text_input(key="imp_clin").input(str(shared_data / "clinical" / "TCGA-CDR_BRCA.csv"))
+    at.button(key="imp_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert any("Imported 'brca-ui'" in s.value for s in at.success)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Files"] == "9" and metrics["Patients without slides"] == "1086"
+    table = slides_table(at)
+    assert {"needs_mpp", "unsupported", "unreadable", "duplicate", "no_tissue", "not_a_slide", "ok"} <= set(table["status"])
+
+    # fix the frozen slide's µm/px in the UI
+    at.selectbox(key="imp_fix_slide").select(FROZEN_SAME_PATIENT).run()
+    at.number_input(key="mpp_imp").set_value(0.5).run()
+    at.button(key="FormSubmitter:mppfix_imp-Save µm/px").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Saved 0.5 µm/px" in s.value for s in at.success)
+    table = slides_table(at).set_index("slide_name")
+    assert table.loc[FROZEN_SAME_PATIENT, "status"] == "ok"
+
+
+def test_bad_folder_is_a_clear_message(app, shared_data):
+    at = app
+    at.text_input(key="imp_slides").input("/nonexistent/folder")
+    at.text_input(key="imp_clin").input(str(shared_data / "clinical" / "TCGA-CDR_BRCA.csv"))
+    at.button(key="imp_go").click().run()
+    assert not at.exception
+    assert any("not found" in e.value for e in at.error)
