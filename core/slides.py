@@ -267,22 +267,23 @@ def file_fingerprint(path: str | Path, *, chunk: int = 1 << 22) -> str:
 
 def preview(path: str | Path, params: TilingParams, *, mpp_override: float | None = None,
             max_px: int = 1024) -> tuple[np.ndarray, dict]:
-    """The tissue mask and tile grid drawn over a thumbnail, plus figures about them."""
+    """The tissue mask and tile grid drawn over a thumbnail of up to ``max_px``, plus figures.
+
+    The mask is computed at ``params.mask_mpp`` as for tiling, then drawn on a sharper thumbnail.
+    """
     from core.tissue import render_preview
 
     with Slide(path, mpp_override=mpp_override) as slide:
         detected, thumb, mask_scale = tissue_mask(slide, mask_mpp=params.mask_mpp)
         try:
             grid = tile_grid(slide, params, tissue=(detected, thumb, mask_scale))
-            tiles = (grid.xy, grid.size_level0)
         except NoTissueError:
-            grid, tiles = None, None
-        image = render_preview(thumb, detected, grid=tiles, scale=mask_scale)
-    if max(image.shape[:2]) > max_px:
-        from PIL import Image
-
-        img = Image.fromarray(image)
-        img.thumbnail((max_px, max_px))
-        image = np.asarray(img)
+            grid = None
+        w, h = slide.dimensions
+        display = np.asarray(slide.thumbnail(min(max_px, max(w, h))))
+        scale = w / display.shape[1]
+        image = render_preview(display, detected, grid=None if grid is None else (grid.xy, grid.size_level0),
+                               scale=scale)
+        tile_px = int(round(params.tile_um / slide.mpp))
     return image, {"tissue_fraction": detected.fraction, "n_tiles": 0 if grid is None else len(grid),
-                   "pen_px": int(detected.pen.sum()), "tile_px": int(round(params.tile_um / slide.mpp))}
+                   "pen_px": int(detected.pen.sum()), "tile_px": tile_px}

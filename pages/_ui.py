@@ -71,11 +71,6 @@ def preview(slide_path: str, tile_um: float, mpp: float, mpp_override: float | N
     return render(slide_path, TilingParams(tile_um=tile_um, mpp=mpp), mpp_override=mpp_override)
 
 
-def model_tiling(model_key: str) -> tuple[float, float]:
-    card = query("store:model_info", model_key)["card"]
-    return float(card["tile_um"]), float(card["mpp"])
-
-
 def mpp_fix_form(cohort: str, slide_name: str, slide_path: str, key: str) -> None:
     """Let the user state a slide's µm/px; the slide is re-probed and becomes predictable."""
     from core.importer import fix_slide_mpp
@@ -117,21 +112,39 @@ def tile_image(slide_path: str, x: int, y: int, size: int, out_px: int = 192):
 
 
 def sidebar() -> tuple[str | None, str | None]:
-    """Cohort and model pickers; returns (cohort, model_key) or (None, None) without a store."""
+    """Cohort and model pickers: (cohort, model_key); model_key is None before any prediction."""
     if not store_path().exists():
         st.sidebar.warning("No store yet.")
-        st.info(f"No predictions store at `{store_path()}`. Run `make run` (builds the demo cohort) "
-                "or `python -m core.cli demo`.")
+        st.info(f"No predictions store at `{store_path()}`. Run `make run` (builds the demo cohort), "
+                "`python -m core.cli demo`, or import a cohort on the Import page.")
         return None, None
     cohorts = query("store:cohorts")
-    models = query("store:models")
-    if not cohorts or models.empty:
-        st.info("The store has no cohort or no predictions yet. Run `python -m core.cli demo`.")
+    if not cohorts:
+        st.info("The store has no cohort yet: import one on the Import page, or run `python -m core.cli demo`.")
         return None, None
     cohort = st.sidebar.selectbox("Cohort", cohorts, key="cohort")
-    model = st.sidebar.selectbox("Model", list(models["model_key"]), key="model",
-                                 index=len(models) - 1)
+    models = query("store:models")
+    if models.empty:
+        st.sidebar.info("No predictions yet: run `python -m core.cli predict --cohort NAME`.")
+        return cohort, None
+    model = st.sidebar.selectbox("Model", list(models["model_key"]), key="model", index=len(models) - 1)
     return cohort, model
+
+
+def require_model(model: str | None) -> None:
+    if model is None:
+        st.info("This page needs predictions: run `python -m core.cli predict --cohort NAME` first.")
+        st.stop()
+
+
+def model_tiling(model_key: str | None) -> tuple[float, float]:
+    """(tile µm, µm/px) of the model, or the default tiling when there is no model yet."""
+    if model_key is None:
+        from core.slides import TilingParams
+
+        return TilingParams().tile_um, TilingParams().mpp
+    card = query("store:model_info", model_key)["card"]
+    return float(card["tile_um"]), float(card["mpp"])
 
 
 def genes(model_key: str) -> list[str]:

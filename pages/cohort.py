@@ -18,7 +18,7 @@ with _ui.guard():
         c4.metric("Tiles", int(runs["n_tiles"].fillna(0).sum()))
 
         f1, f2, f3 = st.columns(3)
-        status = f1.multiselect("Link status", sorted(table["status"].dropna().unique()), key="f_status")
+        status = f1.multiselect("Slide status", sorted(table["status"].dropna().unique()), key="f_status")
         stages = f2.multiselect("Stage", sorted(table["ajcc_pathologic_tumor_stage"].dropna().astype(str).unique())
                                 if "ajcc_pathologic_tumor_stage" in table else [], key="f_stage")
         only_pred = f3.checkbox("Predicted slides only", key="f_pred")
@@ -34,7 +34,7 @@ with _ui.guard():
             hit = shown["patient"].fillna("").str.contains(search, case=False, regex=False) | \
                   shown["slide_name"].str.contains(search, case=False, regex=False)
             shown = shown[hit]
-        cols = [c for c in ["patient", "slide_name", "status", "predicted", "n_tiles", "type",
+        cols = [c for c in ["patient", "slide_name", "status", "link", "selected", "predicted", "n_tiles", "type",
                             "ajcc_pathologic_tumor_stage", "PAM50", "OS", "OS.time", "PFI", "PFI.time",
                             "message"] if c in shown.columns]
         st.dataframe(shown[cols], hide_index=True, width="stretch", key="cohort_table")

@@ -17,6 +17,7 @@ st.header("Cross-modal")
 with _ui.guard():
     cohort, model = _ui.sidebar()
     if cohort:
+        _ui.require_model(model)
         runs = _ui.query("store:cohort_runs", cohort, model).dropna(subset=["run_key"])
         if runs.empty:
             st.info("No predictions for this cohort and model yet.")

@@ -38,11 +38,13 @@ with _ui.guard():
         if slides.empty:
             st.info("This cohort has no readable slide.")
             st.stop()
-        predicted = slides["run_key"].notna()
-        names = list(slides.loc[predicted, "slide_name"]) + list(slides.loc[~predicted, "slide_name"])
-        slide_name = st.selectbox("Slide", names, key="slide",
-                                  format_func=lambda n: n if n in set(slides.loc[predicted, "slide_name"])
-                                  else f"{n} (not predicted)")
+        # predicted slides first, then ready ones, each patient's default slide before the others
+        slides = slides.assign(_p=slides["run_key"].isna(), _ok=slides["status"] != "ok",
+                               _sel=~slides["selected"].fillna(False).astype(bool))
+        slides = slides.sort_values(["_p", "_ok", "_sel", "patient", "slide_name"])
+        predicted = set(slides.loc[~slides["_p"], "slide_name"])
+        slide_name = st.selectbox("Slide", list(slides["slide_name"]), key="slide",
+                                  format_func=lambda n: n if n in predicted else f"{n} (not predicted)")
         row = slides[slides["slide_name"] == slide_name].iloc[0]
         if row["status"] == "needs_mpp":
             st.warning(row["message"])

@@ -10,6 +10,7 @@ st.header("Survival")
 with _ui.guard():
     cohort, model = _ui.sidebar()
     if cohort:
+        _ui.require_model(model)
         genes = _ui.genes(model)
         c1, c2, c3, c4 = st.columns(4)
         gene = c1.selectbox("Gene", genes, index=genes.index("CD8A") if "CD8A" in genes else 0, key="sv_gene")

@@ -63,3 +63,20 @@ def test_bad_folder_is_a_clear_message(app, shared_data):
     at.button(key="imp_go").click().run()
     assert not at.exception
     assert any("not found" in e.value for e in at.error)
+
+
+def test_slide_page_previews_mask_and_grid_of_a_real_svs(app, cohort_dir, shared_data):  # noqa: F811
+    from core.importer import import_cohort
+    from core.store import Store
+    import os
+
+    with Store(os.environ["TESSERA_STORE"]) as store:
+        import_cohort(store, "real", cohort_dir, shared_data / "clinical" / "TCGA-CDR_BRCA.csv")
+    st.cache_data.clear()
+    at = app
+    at.switch_page("pages/slide.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="slide").value.startswith("TCGA-A2-A0T2-01Z-00-DX1")
+    captions = [c for img in at.get("image") for c in img.captions]
+    assert any("57 tiles of 112 µm (224 px at level 0)" in c for c in captions), captions
