@@ -36,6 +36,7 @@ test: setup browser
 
 bench: setup
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.tiler
 
 clean-demo:
 	rm -rf data/demo

@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         with torch.inference_mode():
             for xy in grid.xy[:n]:
                 region = s.osr.read_region(tuple(int(v) for v in xy), 0, (grid.size_level0,) * 2).convert("RGB")
-                tile = np.asarray(region.resize((112, 112)))
+                tile = np.array(region.resize((112, 112)))
                 module(torch.from_numpy(tile[None]))
         naive = n / (time.perf_counter() - t)
     print(f"{'figure':<52}{'tiles/s':>10}{'ratio':>10}")

@@ -17,16 +17,21 @@ def slide_values(store, cohort: str, model_key: str, gene: str, *, stat: str = "
     if runs.empty:
         raise AnalysisError(f"No slide of cohort {cohort!r} has predictions from {model_key} yet.")
     summary = store.slide_summary(model_key, [gene], list(runs["run_key"]))
-    df = runs[["patient", "slide_name", "slide_type", "run_key"]].merge(summary[["run_key", stat]], on="run_key")
+    df = runs[["patient", "slide_name", "slide_type", "selected", "run_key"]].merge(summary[["run_key", stat]],
+                                                                                   on="run_key")
     return df.rename(columns={stat: gene})
 
 
 def patient_values(store, cohort: str, model_key: str, gene: str, *, stat: str = "mean") -> pd.DataFrame:
-    """Per patient: the mean over their diagnostic slides (all slides if none is diagnostic)."""
+    """Per patient: the value on the patient's selected slide (set at import: the diagnostic
+    primary-tumour slide; changeable on the Cohort page). Patients whose selected slide is not
+    predicted yet fall back to the mean over their predicted diagnostic slides, then all slides."""
     df = slide_values(store, cohort, model_key, gene, stat=stat).dropna(subset=["patient"])
-    dx = df[df["slide_type"].fillna("").str.startswith("diagnostic")]
-    df = pd.concat([dx, df[~df["patient"].isin(dx["patient"])]])
-    return df.groupby("patient", as_index=False)[gene].mean()
+    chosen = df[df["selected"].fillna(False).astype(bool)]
+    rest = df[~df["patient"].isin(chosen["patient"])]
+    dx = rest[rest["slide_type"].fillna("").str.startswith("diagnostic")]
+    rest = pd.concat([dx, rest[~rest["patient"].isin(dx["patient"])]])
+    return pd.concat([chosen, rest]).groupby("patient", as_index=False)[gene].mean()
 
 
 def survival_table(store, cohort: str, model_key: str, gene: str, endpoint: str, *, stat: str = "mean") -> pd.DataFrame:

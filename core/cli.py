@@ -69,7 +69,8 @@ def cmd_predict(args) -> int:
             raise TesseraError(f"No cohort {args.cohort!r} in {settings.store_path}; "
                                f"known: {', '.join(store.cohorts()) or 'none'}. Import it first.")
         results = predict_cohort(store, args.cohort, model, device=settings.device, batch_size=args.batch_size,
-                                 workers=args.workers, force=args.force, progress=_tqdm_progress("predict"))
+                                 workers=args.workers, force=args.force, min_tissue=args.min_tissue,
+                                 progress=_tqdm_progress("predict"))
     computed = [r for r in results if r.status == "computed"]
     print(f"{len(results)} slides: {len(computed)} predicted ({sum(r.n_tiles for r in computed)} tiles), "
           f"{len(results) - len(computed)} served from the cache")
@@ -100,13 +101,15 @@ def print_report(report) -> None:
 
 def cmd_import(args) -> int:
     from core.importer import import_cohort, read_mpp_overrides
+    from core.slides import TilingParams
     from core.store import Store
 
     settings = load_settings(store_path=args.store)
     overrides = read_mpp_overrides(args.mpp) if args.mpp else None
     with Store(settings.store_path) as store:
         report = import_cohort(store, args.name, args.slides, args.clinical, mapping=_mapping(args),
-                               fmt=args.format, mpp_overrides=overrides, progress=None)
+                               fmt=args.format, mpp_overrides=overrides,
+                               tiling=TilingParams(min_tissue=args.min_tissue))
     print_report(report)
     return 0
 
@@ -138,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=1)
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--force", action="store_true")
+    r.add_argument("--min-tissue", type=float, default=0.3, help="tissue fraction a tile needs (0–1)")
     r.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("import", help="import a cohort: a folder of slides + a clinical table; prints the link report")
@@ -152,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--event-col", default=None)
     i.add_argument("--endpoint", default="OS", choices=["OS", "DSS", "DFI", "PFI"])
     i.add_argument("--time-unit", default="days", choices=["days", "months", "years"])
+    i.add_argument("--min-tissue", type=float, default=0.3, help="tissue fraction a tile needs (0–1)")
     i.set_defaults(func=cmd_import)
     return p
 

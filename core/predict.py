@@ -158,16 +158,17 @@ def predict_slide(path: str | Path, model: LoadedModel, store: Store, *, device:
 
 
 def predict_cohort(store: Store, cohort: str, model: LoadedModel, *, device: str = "auto", batch_size: int = 64,
-                   workers: int = 1, force: bool = False,
+                   workers: int = 1, force: bool = False, min_tissue: float | None = None,
                    progress: Callable[[int, int, SlideResult], None] | None = None) -> list[SlideResult]:
     """Predict every usable slide of a cohort (status ``ok``), honouring µm/px overrides."""
     slides = store.cohort_slides(cohort)
     usable = slides[slides["status"] == "ok"]
+    tiling = model.tiling(**({"min_tissue": min_tissue} if min_tissue is not None else {}))
     results = []
     for i, row in enumerate(usable.itertuples(index=False)):
         override = float(row.mpp) if row.mpp_source == "override" else None
         result = predict_slide(row.slide_path, model, store, device=device, batch_size=batch_size,
-                               workers=workers, mpp_override=override, force=force)
+                               workers=workers, tiling=tiling, mpp_override=override, force=force)
         results.append(result)
         if progress:
             progress(i + 1, len(usable), result)

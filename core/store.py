@@ -254,6 +254,13 @@ class Store:
         self.con.execute(f"UPDATE cohort_slides SET {sets} WHERE cohort=? AND slide_path=?",
                          [*values.values(), cohort, slide_path])
 
+    def select_slide(self, cohort: str, patient: str, slide_path: str) -> None:
+        """Make ``slide_path`` the patient's slide for patient-level analyses (one per patient)."""
+        self.con.execute("BEGIN")
+        self.con.execute("UPDATE cohort_slides SET selected = (slide_path = ?) WHERE cohort=? AND patient=?",
+                         [slide_path, cohort, patient])
+        self.con.execute("COMMIT")
+
     def cohort_issues(self, cohort: str) -> pd.DataFrame:
         return self.con.execute("SELECT severity, kind, subject, message FROM cohort_issues WHERE cohort=?",
                                 [cohort]).df()

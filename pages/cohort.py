@@ -5,6 +5,7 @@ from pages import _ui
 
 st.header("Cohort")
 with _ui.guard():
+    _ui.flash()
     cohort, model = _ui.sidebar()
     if cohort:
         runs = _ui.query("store:cohort_runs", cohort, model)
@@ -41,3 +42,19 @@ with _ui.guard():
         st.download_button("Export CSV", shown.drop(columns=["slide_path", "fingerprint", "run_key"],
                                                     errors="ignore").to_csv(index=False),
                            file_name=f"tessera_{cohort}_cohort.csv", mime="text/csv", key="export_csv")
+
+        multi = runs[runs["patient"].notna()].groupby("patient")["slide_name"].count()
+        multi = sorted(multi[multi > 1].index)
+        if multi:
+            with st.expander(f"Patients with several slides ({len(multi)}): choose the one used in analyses"):
+                patient = st.selectbox("Patient", multi, key="sel_patient")
+                own = runs[runs["patient"] == patient]
+                current = own[own["selected"].fillna(False).astype(bool)]["slide_name"]
+                names = list(own["slide_name"])
+                choice = st.radio("Slide", names, key="sel_slide",
+                                  index=names.index(current.iloc[0]) if len(current) else 0)
+                if st.button("Use this slide", key="sel_go"):
+                    with _ui.write_store() as store:
+                        store.select_slide(cohort, patient, own[own["slide_name"] == choice]["slide_path"].iloc[0])
+                    st.session_state["flash"] = f"{patient}: analyses now use {choice}."
+                    st.rerun()

@@ -135,3 +135,16 @@ def test_cli_import_bad_clinical_is_a_clean_error(cohort_dir, tmp_path, capsys):
     bad.write_text("foo,bar\n1,2\n")
     code = cli(["import", "--slides", str(cohort_dir), "--clinical", str(bad), "--store", str(tmp_path / "s.duckdb")])
     assert code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_one_selected_slide_per_patient_and_reselect(report):
+    rep, store_path = report
+    with Store(store_path) as store:
+        slides = store.cohort_slides("brca")
+        a0t2 = slides[slides["patient"] == "TCGA-A2-A0T2"]
+        assert len(a0t2) == 2 and a0t2["selected"].sum() == 1
+        frozen = a0t2[a0t2["slide_name"] == FROZEN_SAME_PATIENT]["slide_path"].iloc[0]
+        store.select_slide("brca", "TCGA-A2-A0T2", frozen)
+        again = store.cohort_slides("brca").set_index("slide_name")
+    assert again.loc[FROZEN_SAME_PATIENT, "selected"] and not again.loc[GOOD, "selected"]
+    assert again["selected"].fillna(False).sum() == slides["selected"].fillna(False).sum()
