@@ -51,11 +51,38 @@ def mpp_from_properties(props: dict) -> tuple[float | None, str]:
     return None, "unknown"
 
 
+PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _open_plain_image(path: Path):
+    """A JPEG/PNG as a one-level ``openslide.ImageSlide`` (decoded once, on the first read).
+
+    It has no metadata, so µm/px must come from ``mpp_override``. Large H&E JPEGs (e.g. HER2ST,
+    ~92 Mpx) exceed PIL's decompression-bomb warning threshold; that warning is silenced here.
+    """
+    import warnings
+
+    import openslide
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return openslide.ImageSlide(str(path))
+    except Image.DecompressionBombError as exc:
+        raise SlideOpenError(f"{path.name}: too large for a plain image ({exc}); convert it to a tiled "
+                             "pyramidal TIFF (vips tiffsave --tile --pyramid).", kind="unsupported") from exc
+    except OSError as exc:
+        raise SlideOpenError(f"{path.name}: not a readable image ({exc}); it may be damaged.") from exc
+
+
 class Slide:
     """A whole-slide image opened lazily with OpenSlide; use as a context manager.
 
-    ``mpp`` is level-0 µm/px from the metadata chain or ``mpp_override``; if neither is known,
-    accessing it raises :class:`MissingMppError` saying how to set it.
+    Plain ``.jpg``/``.jpeg``/``.png`` images open as a one-level ``openslide.ImageSlide``.
+    ``mpp`` is level-0 µm/px from the metadata chain or ``mpp_override``; if neither is known
+    (always the case for plain images), accessing it raises :class:`MissingMppError` saying
+    how to set it.
     """
 
     def __init__(self, path: str | Path, *, mpp_override: float | None = None):
@@ -70,6 +97,9 @@ class Slide:
 
             if not self.path.is_file():
                 raise SlideOpenError(f"Slide file not found: {self.path}", kind="missing")
+            if self.path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
+                self._osr = _open_plain_image(self.path)
+                return self._osr
             try:
                 self._osr = openslide.OpenSlide(str(self.path))
             except openslide.OpenSlideUnsupportedFormatError as exc:

@@ -64,39 +64,26 @@ def page(server):
         browser.close()
 
 
+def visit(page, url: str, shot: str, *, texts=(), selectors=(), click: str | None = None) -> None:
+    """Open a page, wait for what proves it rendered, screenshot it, and check for no exception."""
+    page.goto(url)
+    if click:
+        page.get_by_text(click).first.click(timeout=60_000)
+    for text in texts:
+        page.get_by_text(text).first.wait_for(timeout=60_000)
+    for selector in selectors:
+        page.locator(selector).first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1000)  # let plotly finish drawing before the screenshot
+    page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0, shot
+
+
 def test_pages_in_a_real_browser(server, page):
     ARTIFACTS.mkdir(exist_ok=True)
-    page.goto(server)
-    page.get_by_text("Patients").first.wait_for(timeout=60_000)
-    page.screenshot(path=str(ARTIFACTS / "cohort.png"))
-    assert page.locator("[data-testid='stException']").count() == 0
-
-    page.goto(f"{server}/slide")
-    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-    page.wait_for_timeout(1000)
-    page.screenshot(path=str(ARTIFACTS / "slide.png"))
-    assert page.locator("[data-testid='stException']").count() == 0
-
-    page.goto(f"{server}/survival")
-    page.get_by_text("Log-rank p").first.wait_for(timeout=60_000)
-    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-    page.wait_for_timeout(1000)
-    page.screenshot(path=str(ARTIFACTS / "survival.png"))
-    assert page.locator("[data-testid='stException']").count() == 0
-
-    page.goto(f"{server}/importer")
-    page.get_by_text("Link report").first.wait_for(timeout=60_000)
-    page.get_by_text("Patients without slides").first.wait_for(timeout=60_000)
-    page.screenshot(path=str(ARTIFACTS / "import.png"), full_page=True)
-    assert page.locator("[data-testid='stException']").count() == 0
-
-    page.goto(f"{server}/slide")
-    page.get_by_text("Tissue mask and tile grid").first.click(timeout=60_000)
-    page.locator("[data-testid='stImage']").first.wait_for(timeout=60_000)
-    page.screenshot(path=str(ARTIFACTS / "slide_mask.png"))
-    assert page.locator("[data-testid='stException']").count() == 0
-
-    page.goto(f"{server}/crossmodal")
-    page.locator("[data-testid='stImage']").first.wait_for(timeout=60_000)
-    page.screenshot(path=str(ARTIFACTS / "crossmodal.png"))
-    assert page.locator("[data-testid='stException']").count() == 0
+    visit(page, server, "cohort.png", texts=["Patients"])
+    visit(page, f"{server}/slide", "slide.png", selectors=[".js-plotly-plot"])
+    visit(page, f"{server}/survival", "survival.png", texts=["Log-rank p"], selectors=[".js-plotly-plot"])
+    visit(page, f"{server}/importer", "import.png", texts=["Link report", "Patients without slides"])
+    visit(page, f"{server}/slide", "slide_mask.png", click="Tissue mask and tile grid",
+          selectors=["[data-testid='stImage']"])
+    visit(page, f"{server}/crossmodal", "crossmodal.png", selectors=["[data-testid='stImage']"])
