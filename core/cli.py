@@ -114,6 +114,43 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from core.evaluation import evaluate
+    from core.modelhub import load_model
+
+    settings = load_settings()
+    dirs = (args.model_dir, *settings.model_dirs) if args.model_dir else settings.model_dirs
+    report = evaluate(load_model(args.model, dirs), args.st)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    for name, sec in report["sections"].items():
+        print(f"{name}: {sec['n_spots']} spots, mean PCC {sec['mean_pcc']:.3f}, median {sec['median_pcc']:.3f}, "
+              f"top-50 {sec['top50_pcc']:.3f}")
+    print(f"written {args.out}")
+    return 0
+
+
+def cmd_loso(args) -> int:
+    from core.loso import prepare, run_loso, write_report
+    from core.stdata import find_sections, panel_genes
+    from core.training import read_reference, reference_profiles
+
+    sections = find_sections(args.st)
+    genes = panel_genes(sections, args.panel)
+    profiles, types = reference_profiles(read_reference(args.reference, args.types), genes)
+    prepared = prepare(sections, genes, encoder=args.encoder, tile_um=args.tile_um, mpp=args.mpp,
+                       cache_dir=args.cache)
+    report = run_loso(prepared, profiles.to_numpy(), genes, epochs=args.epochs, seed=args.seed)
+    report["setup"] = {"sections": [s.name for s in sections], "n_genes": len(genes), "encoder": args.encoder,
+                       "tile_um": args.tile_um, "mpp": args.mpp, "epochs": args.epochs, "reference_types": types,
+                       "mpp_sources": {s.name: f"{s.mpp:.4f} ({s.mpp_source})" for s in sections}}
+    write_report(report, args.out)
+    print(f"{'method':<10}{'mean PCC':>10}{'median':>10}{'top-50':>10}")
+    for method, row in report["table"].items():
+        print(f"{method:<10}{row['mean_pcc']:>10.3f}{row['median_pcc']:>10.3f}{row['top50_pcc']:>10.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core.cli", description="Tessera command line")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -143,6 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true")
     r.add_argument("--min-tissue", type=float, default=0.3, help="tissue fraction a tile needs (0–1)")
     r.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("evaluate", help="per-gene PCC of a model on ST sections (HER2ST, Visium, HEST layouts)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--st", type=Path, required=True, help="a folder holding one or more sections")
+    e.add_argument("--out", type=Path, required=True, help="JSON report")
+    e.add_argument("--model-dir", type=Path, default=None, help="extra folder of checkpoints")
+    e.set_defaults(func=cmd_evaluate)
+
+    lo = sub.add_parser("loso", help="leave-one-section-out table: ridge, reference prior, full model")
+    lo.add_argument("--st", type=Path, required=True)
+    lo.add_argument("--reference", type=Path, required=True, help="single cells: .h5ad, or counts CSV + --types")
+    lo.add_argument("--types", type=Path, default=None)
+    lo.add_argument("--panel", type=Path, default=None, help="gene list file (default: all shared genes)")
+    lo.add_argument("--encoder", default="efficientnet_lite0")
+    lo.add_argument("--tile-um", type=float, default=112.0)
+    lo.add_argument("--mpp", type=float, default=0.5)
+    lo.add_argument("--epochs", type=int, default=30)
+    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--cache", type=Path, default=Path("data/cache/features"))
+    lo.add_argument("--out", type=Path, required=True)
+    lo.set_defaults(func=cmd_loso)
 
     i = sub.add_parser("import", help="import a cohort: a folder of slides + a clinical table; prints the link report")
     i.add_argument("--slides", type=Path, required=True, help="folder searched recursively")

@@ -61,10 +61,6 @@ class SpatialSection:
         return self.counts.n_obs
 
 
-# --------------------------------------------------------------------------------------------
-# layout detection and the public readers
-
-
 def detect_layout(path: str | Path) -> str | None:
     """``"visium"``, ``"her2st"``, ``"hest"`` or None for a folder (or a file inside one)."""
     path = Path(path)
@@ -119,7 +115,7 @@ def find_sections(directory: str | Path) -> list[SpatialSection]:
     for candidate in _candidates(directory):
         try:
             sections.append(read_section(candidate))
-        except SectionFormatError as exc:
+        except TesseraError as exc:  # an incomplete folder or an unreadable image: skip it, say why
             log.warning("skipping %s: %s", candidate, exc)
             problems.append(str(exc))
     if not sections:
@@ -141,49 +137,46 @@ def _candidates(root: Path):
             yield from _candidates(child)
 
 
-# --------------------------------------------------------------------------------------------
-# HER2ST / legacy ST
-
-
 def _her2st_counts(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.tsv*") if "_selection" not in p.name and p.suffix in (".gz", ".tsv"))
 
 
-def _read_her2st(path: Path, *, image: Path | None) -> SpatialSection:
+def _her2st_files(path: Path) -> tuple[str, Path, Path]:
+    """(section id, counts table, selection table) of a legacy ST folder, or an actionable error."""
     folder = path.parent if path.is_file() else path
-    counts_files = [path] if path.is_file() else _her2st_counts(folder)
-    if len(counts_files) != 1:
-        found = ", ".join(p.name for p in counts_files) or "none"
-        raise SectionFormatError(f"{folder}: a legacy ST section needs exactly one <S>.tsv.gz counts table "
-                                 f"(found: {found}). Put each section in its own folder.")
-    counts_file = counts_files[0]
-    sid = counts_file.name.split(".tsv")[0]
+    counts = [path] if path.is_file() else _her2st_counts(folder)
+    if len(counts) != 1:
+        raise SectionFormatError(f"{folder}: a legacy ST section needs exactly one <S>.tsv.gz counts table (found: "
+                                 f"{', '.join(p.name for p in counts) or 'none'}). Put each section in its own folder.")
+    sid = counts[0].name.split(".tsv")[0]
     selection = next(iter(sorted(folder.glob(f"{sid}_selection.tsv*"))), None)
     if selection is None:
-        raise SectionFormatError(f"{folder}: found the counts {counts_file.name} but no {sid}_selection.tsv "
+        raise SectionFormatError(f"{folder}: found the counts {counts[0].name} but no {sid}_selection.tsv "
                                  "(the spot table mapping array x, y to pixel_x, pixel_y in the H&E image). "
                                  "Put it beside the counts (HER2ST: data/ST-spotfiles/).")
-    image = image or _single_image(folder, (".jpg", ".jpeg", ".png", ".tif", ".tiff"), "the H&E image (.jpg)")
+    return sid, counts[0], selection
+
+
+def _read_her2st(path: Path, *, image: Path | None) -> SpatialSection:
+    sid, counts_file, selection = _her2st_files(path)
+    image = image or _single_image(selection.parent, (".jpg", ".jpeg", ".png", ".tif", ".tiff"), "H&E image (.jpg)")
     sel = pd.read_csv(selection, sep="\t")
     missing = {"x", "y", "pixel_x", "pixel_y"} - set(sel.columns)
     if missing:
         raise SectionFormatError(f"{selection.name}: missing columns {sorted(missing)}; expected x, y, "
                                  "pixel_x, pixel_y (and optionally selected).")
-    if "selected" in sel.columns:
-        sel = sel[sel["selected"].astype(int) == 1]
-    sel.index = [f"{int(x)}x{int(y)}" for x, y in zip(sel["x"], sel["y"])]  # counts rows are "XxY"
-    sel = sel[~sel.index.duplicated()]
+    sel = sel[sel["selected"].astype(int) == 1] if "selected" in sel.columns else sel
+    sel.index = [f"{int(x)}x{int(y)}" for x, y in zip(sel["x"], sel["y"])]  # counts rows are "XxY", x first
     table = pd.read_csv(counts_file, sep="\t", index_col=0)
-    table.index = table.index.astype(str)
-    spots = [s for s in table.index if s in sel.index]
+    spots = [s for s in table.index.astype(str) if s in sel.index]
     if len(spots) < 3:
         raise SectionFormatError(f"{sid}: only {len(spots)} spots are both in {counts_file.name} and selected "
                                  f"in {selection.name}; check that the files belong to the same section.")
-    sel = sel.loc[spots]
+    sel = sel[~sel.index.duplicated()].loc[spots]
     mpp = _grid_mpp(sel[["x", "y"]].to_numpy(float), sel[["pixel_x", "pixel_y"]].to_numpy(float), sid)
-    obs = pd.DataFrame({"array_x": sel["x"].astype(int).to_numpy(), "array_y": sel["y"].astype(int).to_numpy()},
-                       index=spots)
-    adata = _make_adata(table.loc[spots].to_numpy(np.float32), obs, list(table.columns))
+    obs = sel[["x", "y"]].astype(int).rename(columns={"x": "array_x", "y": "array_y"})
+    adata = _make_adata(table.set_axis(table.index.astype(str)).loc[spots].to_numpy(np.float32), obs,
+                        list(table.columns))
     return _section(sid, adata, sel[["pixel_x", "pixel_y"]].to_numpy(np.float64), image, mpp,
                     "spot grid (200 µm pitch)", ST_SPOT_UM, "her2st")
 
@@ -212,38 +205,37 @@ def _grid_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, name: str) -> float:
     return ST_PITCH_UM / step_px
 
 
-# --------------------------------------------------------------------------------------------
-# 10x Visium / Space Ranger
+def _visium_positions(folder: Path) -> tuple[pd.DataFrame, dict]:
+    """In-tissue spot positions (indexed by barcode) and scale factors, or an actionable error."""
+    spatial = folder / "spatial"
+    new, old, scalefile = (spatial / "tissue_positions.csv", spatial / "tissue_positions_list.csv",
+                           spatial / "scalefactors_json.json")
+    for needed, ok in (("spatial/tissue_positions.csv (or tissue_positions_list.csv)", new.is_file() or old.is_file()),
+                       ("spatial/scalefactors_json.json", scalefile.is_file()),
+                       ("filtered_feature_bc_matrix.h5", (folder / "filtered_feature_bc_matrix.h5").is_file())):
+        if not ok:
+            raise SectionFormatError(f"{folder}: this Visium folder lacks {needed}. "
+                                     "Copy the whole Space Ranger outs/ folder.")
+    if new.is_file():  # Space Ranger ≥ 2.0: with a header
+        pos = pd.read_csv(new, index_col=0)
+    else:
+        pos = pd.read_csv(old, header=None, index_col=0, names=["barcode", *_POSITION_COLUMNS])
+    return pos[pos["in_tissue"].astype(int) == 1], json.loads(scalefile.read_text())
 
 
 def _read_visium(path: Path, *, image: Path | None) -> SpatialSection:
     import scanpy as sc
 
     folder = path.parent if path.is_file() else path
-    h5, spatial = folder / "filtered_feature_bc_matrix.h5", folder / "spatial"
-    scalefile = spatial / "scalefactors_json.json"
-    positions = next((p for p in (spatial / "tissue_positions.csv", spatial / "tissue_positions_list.csv")
-                      if p.is_file()), None)
-    for needed, what in ((h5, "the counts (Space Ranger outs/)"), (scalefile, "the scale factors"),
-                         (positions, "the spot positions (tissue_positions.csv or tissue_positions_list.csv)")):
-        if needed is None or not needed.is_file():
-            raise SectionFormatError(f"{folder}: a Visium folder needs {what}; "
-                                     f"{needed.relative_to(folder) if needed else 'spatial/tissue_positions*.csv'} "
-                                     "is missing. Copy the whole Space Ranger outs/ folder.")
-    adata = sc.read_10x_h5(h5)
-    if positions.name == "tissue_positions.csv":  # Space Ranger ≥ 2.0: with a header
-        pos = pd.read_csv(positions, index_col=0)
-    else:
-        pos = pd.read_csv(positions, header=None, index_col=0, names=["barcode", *_POSITION_COLUMNS])
-    pos = pos[pos["in_tissue"].astype(int) == 1]
+    pos, scale = _visium_positions(folder)
+    adata = sc.read_10x_h5(folder / "filtered_feature_bc_matrix.h5")
     spots = [b for b in adata.obs_names if b in pos.index]
     if not spots:
-        raise SectionFormatError(f"{folder}: no barcode of {h5.name} is an in-tissue spot of {positions.name}; "
-                                 "are they from the same run?")
+        raise SectionFormatError(f"{folder}: no barcode of filtered_feature_bc_matrix.h5 is an in-tissue spot "
+                                 "of spatial/tissue_positions; are they from the same run?")
     pos = pos.loc[spots]
     adata = _make_adata(adata[spots].X, pos[["array_row", "array_col"]].astype(int), list(adata.var_names))
     xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)  # x = column
-    scale = json.loads(scalefile.read_text())
     diameter_px = float(scale["spot_diameter_fullres"])
     mpp, source = VISIUM_SPOT_UM / diameter_px, f"Visium spot diameter (55 µm = {diameter_px:.1f} full-res px)"
     if image is None:
@@ -263,10 +255,6 @@ def _visium_image(folder: Path, scale: dict) -> tuple[Path, float, str]:
             return png, float(scale[f"tissue_{which}_scalef"]), which
     raise SectionFormatError(f"{folder}: no tissue_hires_image.png or tissue_lowres_image.png in spatial/; "
                              "pass the full-resolution H&E with image=.")
-
-
-# --------------------------------------------------------------------------------------------
-# HEST-style .h5ad + WSI
 
 
 def _read_hest(path: Path, *, image: Path | None) -> SpatialSection:
@@ -320,15 +308,12 @@ def _hest_mpp(adata, h5ad: Path, image: Path) -> tuple[float, str]:
     HEST's estimated size (from the spot spacing) is preferred to the embedded one (scanner
     metadata), as HEST itself does.
     """
-    keys = ("mpp", "pixel_size_um_estimated", "pixel_size_um_embedded")
     for where, source in ((adata.uns, "uns"), (_hest_metadata(h5ad), "metadata.json")):
-        for key in keys:
-            try:
-                value = float(where[key])
-            except (KeyError, TypeError, ValueError):
-                continue
+        for key in ("mpp", "pixel_size_um_estimated", "pixel_size_um_embedded"):
+            value = where.get(key)
+            value = pd.to_numeric(value, errors="coerce") if np.isscalar(value) else np.nan
             if value > 0:
-                return value, f"{source}['{key}']"
+                return float(value), f"{source}['{key}']"
     try:
         with Slide(image) as slide:
             return slide.mpp, f"slide metadata ({slide.mpp_source})"
@@ -349,10 +334,6 @@ def _hest_spot_um(adata, h5ad: Path, mpp: float) -> float:
         return float(meta["spot_diameter"])
     log.warning("%s: spot diameter unknown; assuming Visium's %g µm", h5ad.name, VISIUM_SPOT_UM)
     return VISIUM_SPOT_UM
-
-
-# --------------------------------------------------------------------------------------------
-# shared helpers
 
 
 def _single_image(folder: Path, suffixes: tuple[str, ...], what: str) -> Path:
@@ -398,10 +379,6 @@ def _check_inside(section: SpatialSection) -> None:
                                  "the image does not match the spot coordinates (wrong image or scale).")
     if outside.any():
         log.warning("%s: %d of %d spots lie outside %s", section.name, outside.sum(), len(x), section.image_path.name)
-
-
-# --------------------------------------------------------------------------------------------
-# patches, genes, targets
 
 
 def section_patches(section: SpatialSection, *, tile_um: float, mpp: float,

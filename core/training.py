@@ -36,6 +36,35 @@ def log_normalize(counts: np.ndarray, *, target_sum: float = 1e4) -> np.ndarray:
     return np.log1p(counts / np.maximum(totals, 1.0) * target_sum).astype(np.float32)
 
 
+def read_reference(path: str | Path, types_path: str | Path | None = None, *, type_column: str = "cell_type"):
+    """A single-cell reference as AnnData with ``obs[type_column]``.
+
+    ``path`` is an ``.h5ad`` (with the type column in ``obs``) or a CSV (optionally gzipped) of
+    cells × genes counts whose first column is the cell id, with ``types_path`` a CSV of
+    ``cell_id, <type_column>``.
+    """
+    import anndata as ad
+
+    path = Path(path)
+    if path.suffix == ".h5ad":
+        adata = ad.read_h5ad(path)
+    else:
+        counts = pd.read_csv(path, index_col=0)
+        if types_path is None:
+            raise ValueError(f"{path.name}: a counts CSV needs a cell-type table (cell_id, {type_column}).")
+        types = pd.read_csv(types_path, index_col=0)
+        common = counts.index.intersection(types.index)
+        if len(common) == 0:
+            raise ValueError(f"No cell id of {Path(types_path).name} is in {path.name}.")
+        adata = ad.AnnData(counts.loc[common].to_numpy(dtype=np.float32))
+        adata.obs_names = common.astype(str)
+        adata.var_names = counts.columns.astype(str)
+        adata.obs[type_column] = types.loc[common, types.columns[0]].astype(str).to_numpy()
+    if type_column not in adata.obs:
+        raise ValueError(f"The reference has no obs column {type_column!r}.")
+    return adata
+
+
 def reference_profiles(reference, genes: list[str], cell_types: list[str] | None = None,
                        *, type_column: str = "cell_type") -> tuple[pd.DataFrame, list[str]]:
     """Mean counts per cell type over ``genes`` (AnnData of single cells), normalised like targets."""

@@ -52,9 +52,14 @@ def create_encoder(name: str, *, weights_path: str | Path | None = None) -> Enco
 
 
 class _PooledEfficientNet(nn.Module):
+    """``forward`` → pooled features [B, C]; ``tokens`` → the final feature map as [B, h·w, C]."""
+
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).flatten(2).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x).mean(dim=(2, 3))
