@@ -151,6 +151,39 @@ def cmd_loso(args) -> int:
     return 0
 
 
+def cmd_train_st(args) -> int:
+    """Train the release fusion model on every section found (no held-out: see `loso` for that)."""
+    import time
+
+    from core.loso import fusion_fit, prepare
+    from core.stdata import find_sections, panel_genes
+    from core.training import read_reference, reference_profiles
+    from models.scist import ModelCard, save_checkpoint
+
+    started = time.perf_counter()
+    sections = find_sections(args.st)
+    genes = panel_genes(sections, args.panel)
+    profiles, types = reference_profiles(read_reference(args.reference, args.types), genes)
+    prepared = prepare(sections, genes, encoder=args.encoder, tile_um=args.tile_um, mpp=args.mpp,
+                       cache_dir=args.cache)
+    head = fusion_fit(prepared, profiles.to_numpy(), epochs=args.epochs, seed=args.seed)
+    loso = json.loads(args.loso.read_text()) if args.loso else {}
+    card = ModelCard(
+        model_id=args.model_id, genes=genes, cell_types=types, encoder=args.encoder, tile_um=args.tile_um,
+        mpp=args.mpp, input_px=int(round(args.tile_um / args.mpp)),
+        training_data={"sections": [s.name for s in sections], "spots": int(sum(len(p.y) for p in prepared)),
+                       "st_dir": str(args.st), "reference": args.reference.name, "epochs": args.epochs,
+                       "seed": args.seed, "mpp_sources": {s.name: f"{s.mpp:.4f} ({s.mpp_source})" for s in sections}},
+        metrics={"loso": loso.get("table", {}), "loso_folds": loso.get("folds", {}),
+                 "train_seconds": round(time.perf_counter() - started, 1)},
+        description="SciSt-style fusion: learned composition over the reference types × reference profiles "
+                    "as a query token, two-way attention over EfficientNet-Lite0 feature-map tokens, residual "
+                    "MLP to the panel (log1p CP10k over the panel).")
+    card = save_checkpoint(args.out, head, card)
+    print(f"saved {args.out} (version {card.version}) in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core.cli", description="Tessera command line")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -201,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--cache", type=Path, default=Path("data/cache/features"))
     lo.add_argument("--out", type=Path, required=True)
     lo.set_defaults(func=cmd_loso)
+
+    ts = sub.add_parser("train-st", help="train a release fusion model on every ST section of a folder")
+    for flag, kw in [("--st", dict(type=Path, required=True)), ("--reference", dict(type=Path, required=True)),
+                     ("--types", dict(type=Path, default=None)), ("--panel", dict(type=Path, default=None)),
+                     ("--encoder", dict(default="efficientnet_lite0")), ("--tile-um", dict(type=float, default=112.0)),
+                     ("--mpp", dict(type=float, default=0.5)), ("--epochs", dict(type=int, default=30)),
+                     ("--seed", dict(type=int, default=0)), ("--cache", dict(type=Path, default=Path("data/cache/features"))),
+                     ("--model-id", dict(required=True)), ("--out", dict(type=Path, required=True)),
+                     ("--loso", dict(type=Path, default=None, help="LOSO report JSON to put in the card"))]:
+        ts.add_argument(flag, **kw)
+    ts.set_defaults(func=cmd_train_st)
 
     i = sub.add_parser("import", help="import a cohort: a folder of slides + a clinical table; prints the link report")
     i.add_argument("--slides", type=Path, required=True, help="folder searched recursively")

@@ -90,5 +90,23 @@ def _timm_encoder(arch: str, weights_path: str | Path | None) -> EncoderSpec:
     if missing:
         raise ValueError(f"{weights_path}: weights do not fit timm:{arch}; missing {missing[:5]}")
     cfg = getattr(module, "pretrained_cfg", {}) or {}
-    return EncoderSpec(f"timm:{arch}", module.eval(), dim=module.num_features,
+    return EncoderSpec(f"timm:{arch}", _TimmEncoder(module).eval(), dim=module.num_features,
                        mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
+
+
+class _TimmEncoder(nn.Module):
+    """A timm backbone: ``forward`` → pooled [B, C]; ``tokens`` → [B, N, C] (CNN maps flattened,
+    ViT prefix tokens such as CLS dropped)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.net.forward_features(x)
+        if feats.ndim == 4:
+            return feats.flatten(2).transpose(1, 2)
+        return feats[:, getattr(self.net, "num_prefix_tokens", 0):]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

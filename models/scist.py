@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.encoders import EncoderSpec, create_encoder
+from models.fusion import FusionConfig, FusionHead
 
 CHECKPOINT_FORMAT = "tessera-ckpt/1"
 
@@ -62,11 +63,12 @@ class ReferenceInformedHead(nn.Module):
 class TesseraModel(nn.Module):
     """uint8 tiles [B,H,W,3] → the head's outputs. Normalisation happens inside, on the device."""
 
-    def __init__(self, encoder: EncoderSpec, head: ReferenceInformedHead):
+    def __init__(self, encoder: EncoderSpec, head: nn.Module):
         super().__init__()
         self.encoder = encoder.module
         self.encoder_name = encoder.name
         self.head = head
+        self.uses_tokens = isinstance(head, FusionHead)  # fusion heads attend over the feature map
         self.register_buffer("mean", torch.tensor(encoder.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(encoder.std).view(1, 3, 1, 1) * 255.0)
 
@@ -75,7 +77,8 @@ class TesseraModel(nn.Module):
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def forward_features(self, tiles_uint8: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.preprocess(tiles_uint8)).float()
+        x = self.preprocess(tiles_uint8)
+        return (self.encoder.tokens(x) if self.uses_tokens else self.encoder(x)).float()
 
     def forward_head(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(feats.float())
@@ -101,10 +104,14 @@ class ModelCard:
     version: str = ""
 
 
-def save_checkpoint(directory: Path, head: ReferenceInformedHead, card: ModelCard) -> ModelCard:
+_HEADS = {"pooled": (HeadConfig, ReferenceInformedHead), "fusion": (FusionConfig, FusionHead)}
+
+
+def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard) -> ModelCard:
     """Write ``model.pt`` + ``card.json``; the version is a hash of the weights file."""
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {"format": CHECKPOINT_FORMAT, "head_config": asdict(head.config),
+    head_type = "fusion" if isinstance(head, FusionHead) else "pooled"
+    payload = {"format": CHECKPOINT_FORMAT, "head_type": head_type, "head_config": asdict(head.config),
                "head_state": head.state_dict(), "card": {**asdict(card), "version": ""}}
     path = directory / "model.pt"
     torch.save(payload, path)
@@ -119,8 +126,8 @@ def load_checkpoint(directory: Path, *, encoder_weights: str | Path | None = Non
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{directory}: unknown checkpoint format {payload.get('format')!r}")
     card = ModelCard(**json.loads((directory / "card.json").read_text()))
-    config = HeadConfig(**payload["head_config"])
-    head = ReferenceInformedHead(config, payload["head_state"]["profiles"])
+    config_cls, head_cls = _HEADS[payload.get("head_type", "pooled")]
+    head = head_cls(config_cls(**payload["head_config"]), payload["head_state"]["profiles"])
     head.load_state_dict(payload["head_state"])
     model = TesseraModel(create_encoder(card.encoder, weights_path=encoder_weights), head).eval()
     return model, card

@@ -1,0 +1,39 @@
+"""The shipped breast model (models/weights/breast-her2st) through the normal prediction path on a
+real Aperio SVS, and its card."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.config import REPO_ROOT
+from core.importer import import_cohort
+from core.modelhub import load_model
+from core.predict import predict_cohort
+from core.store import Store
+
+WEIGHTS = REPO_ROOT / "models" / "weights"
+
+
+def test_card_documents_panel_tiling_and_loso():
+    card = json.loads((WEIGHTS / "breast-her2st" / "card.json").read_text())
+    assert len(card["genes"]) == 253 and {"ERBB2", "ESR1", "CD8A", "MKI67"} <= set(card["genes"])
+    assert card["tile_um"] == 112.0 and card["mpp"] == 0.5 and card["input_px"] == 224
+    assert card["training_data"]["sections"] == ["B4", "C2", "C3", "C4", "C5"]
+    assert {"ridge", "prior", "full"} <= set(card["metrics"]["loso"])
+
+
+def test_breast_model_predicts_a_real_svs(shared_data, tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(shared_data / "wsi" / "CMU-1-Small-Region.svs", slides / "TCGA-A2-A0T2-01Z-00-DX1.svs")
+    model = load_model("breast-her2st", [WEIGHTS])
+    with Store(tmp_path / "s.duckdb") as store:
+        import_cohort(store, "cmu", slides, shared_data / "clinical" / "TCGA-CDR_BRCA.csv", tiling=model.tiling())
+        [result] = predict_cohort(store, "cmu", model, device="cpu", workers=0)
+        heat = store.heatmap(model.key, result.run_key, "ERBB2")
+        runs = store.cohort_runs("cmu", model.key)
+    assert result.status == "computed" and result.n_tiles == 57  # 112 µm tiles at 0.499 µm/px
+    assert np.isfinite(heat["value"]).all() and heat["value"].std() > 0
+    assert runs["run_key"].notna().all()
