@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.reference import ReferenceHead
+
 
 @dataclass
 class FusionConfig:
@@ -48,16 +50,12 @@ class TwoWayBlock(nn.Module):
         return q, img
 
 
-class FusionHead(nn.Module):
+class FusionHead(ReferenceHead):
     """Image tokens [B, N, C] (+ optional composition [B, T]) → expression, composition, prior, embedding."""
 
     def __init__(self, config: FusionConfig, profiles: torch.Tensor):
-        super().__init__()
-        if profiles.shape != (config.n_types, config.n_genes):
-            raise ValueError(f"profiles must be {config.n_types}×{config.n_genes}, got {tuple(profiles.shape)}")
-        self.config = config
+        super().__init__(config, profiles)
         d = config.dim
-        self.register_buffer("profiles", profiles.float())
         self.img_proj = nn.Sequential(nn.LayerNorm(config.in_dim), nn.Linear(config.in_dim, d))
         self.pos = nn.Parameter(torch.zeros(1, config.n_tokens, d))
         self.composition = nn.Sequential(nn.LayerNorm(config.in_dim), nn.Linear(config.in_dim, config.n_types))

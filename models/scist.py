@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.reference import ReferenceHead
+
 from models.encoders import EncoderSpec, create_encoder
 from models.fusion import FusionConfig, FusionHead
 
@@ -32,15 +34,11 @@ class HeadConfig:
     dropout: float = 0.1
 
 
-class ReferenceInformedHead(nn.Module):
+class ReferenceInformedHead(ReferenceHead):
     """Features [B, in_dim] → dict(expression [B,G], composition [B,T], prior [B,G], embedding [B,E])."""
 
     def __init__(self, config: HeadConfig, profiles: torch.Tensor):
-        super().__init__()
-        if profiles.shape != (config.n_types, config.n_genes):
-            raise ValueError(f"profiles must be {config.n_types}×{config.n_genes}, got {tuple(profiles.shape)}")
-        self.config = config
-        self.register_buffer("profiles", profiles.float())
+        super().__init__(config, profiles)
         self.embed = nn.Sequential(
             nn.LayerNorm(config.in_dim), nn.Dropout(config.dropout),
             nn.Linear(config.in_dim, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.emb_dim),
