@@ -32,7 +32,8 @@ def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 200
     """Train the demo model on the world's ST sections, holding the last one out for metrics."""
     import anndata as ad
 
-    from core.training import load_section, reference_profiles, train_on_sections
+    from core.stdata import find_sections
+    from core.training import reference_profiles, train_on_sections, training_section
     from models.scist import ModelCard, save_checkpoint
 
     out = demo_dir / "models" / DEMO_MODEL
@@ -43,8 +44,8 @@ def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 200
     genes, types = manifest["genes"], manifest["cell_types"]
     reference = ad.read_h5ad(demo_dir / "reference" / "reference.h5ad")
     profiles, _ = reference_profiles(reference, genes, types)
-    section_dirs = sorted(p for p in (demo_dir / "st").iterdir() if (p / "section.h5ad").is_file())
-    sections = [load_section(d, genes, tile_um=tile_um, mpp=mpp, cell_types=types) for d in section_dirs]
+    sections = [training_section(s, genes, tile_um=tile_um, mpp=mpp, cell_types=types)
+                for s in find_sections(demo_dir / "st")]
     held_out = sections[-1].name
     model, metrics = train_on_sections(sections, profiles, held_out=held_out, epochs=epochs, seed=seed)
     card = ModelCard(

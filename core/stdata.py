@@ -277,6 +277,8 @@ def _read_hest(path: Path, *, image: Path | None) -> SpatialSection:
     mpp, source = _hest_mpp(adata, h5ad, image)
     x = adata.layers["counts"] if "counts" in adata.layers else adata.X
     counts = _make_adata(x, adata.obs.copy(), list(adata.var_names))
+    for key, value in adata.obsm.items():  # e.g. a synthetic section's true composition
+        counts.obsm[key] = value
     return _section(name, counts, np.asarray(adata.obsm["spatial"], np.float64)[:, :2], image, mpp, source,
                     _hest_spot_um(adata, h5ad, mpp), "hest")
 

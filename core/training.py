@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.slides import Slide
 
 log = logging.getLogger(__name__)
 
@@ -81,30 +80,17 @@ def reference_profiles(reference, genes: list[str], cell_types: list[str] | None
     return pd.DataFrame(log_normalize(means), index=types, columns=genes), types
 
 
-def load_section(directory: Path, genes: list[str], *, tile_um: float, mpp: float,
-                 cell_types: list[str] | None = None) -> Section:
-    """Read ``section.h5ad`` + ``he.tiff`` and cut a ``tile_um`` patch around every spot."""
-    import anndata as ad
-    import scipy.sparse as sp
+def training_section(section, genes: list[str], *, tile_um: float, mpp: float,
+                     cell_types: list[str] | None = None) -> Section:
+    """Patches, targets and (synthetic only) true composition of a :class:`core.stdata.SpatialSection`."""
+    from core.stdata import section_patches, targets
 
-    adata = ad.read_h5ad(directory / "section.h5ad")
-    out_px = int(round(tile_um / mpp))
-    with Slide(directory / "he.tiff", mpp_override=adata.uns.get("mpp")) as slide:
-        size = int(round(tile_um / slide.mpp))
-        xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-        w, h = slide.dimensions
-        inside = (xy[:, 0] - size / 2 >= 0) & (xy[:, 1] - size / 2 >= 0) & \
-                 (xy[:, 0] + size / 2 <= w) & (xy[:, 1] + size / 2 <= h)
-        adata, xy = adata[inside], xy[inside]
-        patches = np.stack([slide.read_region((int(x - size / 2), int(y - size / 2)), size, out_px) for x, y in xy])
-    X = adata[:, genes].X
-    X = X.toarray() if sp.issparse(X) else np.asarray(X)
-    comp = None
-    if "composition" in adata.obsm:
-        comp = np.asarray(adata.obsm["composition"], dtype=np.float32)
-        if isinstance(adata.obsm["composition"], pd.DataFrame) and cell_types:
-            comp = adata.obsm["composition"][cell_types].to_numpy(dtype=np.float32)
-    return Section(directory.name, patches, log_normalize(X), comp, xy)
+    patches, keep = section_patches(section, tile_um=tile_um, mpp=mpp)
+    comp = section.counts.obsm.get("composition") if "composition" in section.counts.obsm else None
+    if comp is not None:
+        comp = comp[cell_types] if isinstance(comp, pd.DataFrame) and cell_types else comp
+        comp = np.asarray(comp, dtype=np.float32)[keep]
+    return Section(section.name, patches, targets(section, genes)[keep], comp, section.xy[keep])
 
 
 def encode_patches(model, patches: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
