@@ -1,4 +1,5 @@
-"""TCGA barcodes and slide ↔ patient linking (clinical readers live in ``core.clinical``)."""
+"""TCGA barcodes and survival endpoints (slide linking lives in ``core.importer``, clinical readers in
+``core.clinical``)."""
 from __future__ import annotations
 
 import logging
@@ -49,30 +50,6 @@ def parse_barcode(name: str) -> Barcode | None:
     if not m:
         return None
     return Barcode(m["patient"].upper(), m["sample"], m["slide"].upper() if m["slide"] else None)
-
-
-def find_slides(folder: str | Path) -> list[Path]:
-    """Every file with a whole-slide suffix under ``folder``, recursively, sorted."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
-
-
-def link_slides(slide_paths: list[Path], clinical: pd.DataFrame) -> pd.DataFrame:
-    """One row per slide: parsed barcode, link status and a message; nothing dropped silently."""
-    patients = set(clinical["bcr_patient_barcode"])
-    rows = []
-    for p in slide_paths:
-        bc = parse_barcode(p.name)
-        if bc is None:
-            rows.append(dict(slide_name=p.name, slide_path=str(p.resolve()), patient=None, sample_type=None,
-                             slide_type=None, status="unlinked", message="no TCGA barcode in the file name"))
-            continue
-        linked = bc.patient in patients
-        rows.append(dict(slide_name=p.name, slide_path=str(p.resolve()), patient=bc.patient,
-                         sample_type=bc.sample_type, slide_type=bc.slide_type,
-                         status="linked" if linked else "no clinical",
-                         message="" if linked else "patient not in the clinical table"))
-    return pd.DataFrame(rows, columns=["slide_name", "slide_path", "patient", "sample_type", "slide_type",
-                                       "status", "message"])
 
 
 def survival_frame(clinical: pd.DataFrame, endpoint: str) -> pd.DataFrame:

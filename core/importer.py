@@ -24,14 +24,10 @@ import pandas as pd
 from core.cohort import SLIDE_SUFFIXES, parse_barcode
 from core.errors import ClinicalFormatError, NoTissueError, SlideOpenError
 from core.slides import Slide, TilingParams, tile_grid, tissue_mask
+from core.store import SLIDE_COLUMNS
 
 log = logging.getLogger(__name__)
 CANDIDATE_SUFFIXES = SLIDE_SUFFIXES | {".dcm", ".isyntax", ".czi", ".qptiff"}
-SLIDE_COLUMNS = ["slide_name", "slide_path", "patient", "sample_type", "slide_type", "fingerprint", "status",
-                 "message", "link", "selected", "vendor", "width", "height", "levels", "mpp", "mpp_source",
-                 "objective", "tissue_fraction", "n_tiles"]
-
-
 @dataclass
 class ImportReport:
     """What an import found: one row per file, the patients without slides, clinical issues."""

@@ -1,7 +1,8 @@
 import pandas as pd
 import pytest
 
-from core.cohort import link_slides, parse_barcode, survival_frame
+from core.cohort import parse_barcode, survival_frame
+from core.importer import link
 from core.errors import ClinicalFormatError
 
 
@@ -17,11 +18,11 @@ def test_parse_gdc_slide_name():
 
 def test_link_reports_every_slide(tmp_path):
     clinical = pd.DataFrame({"bcr_patient_barcode": ["TCGA-AA-0001", "TCGA-AA-0002"]})
-    paths = [tmp_path / "TCGA-AA-0001-01Z-00-DX1.x.svs", tmp_path / "TCGA-ZZ-9999-01Z-00-DX1.y.svs",
-             tmp_path / "random.svs"]
-    report = link_slides(paths, clinical)
-    assert list(report["status"]) == ["linked", "no clinical", "unlinked"]
-    assert report["message"].iloc[2] == "no TCGA barcode in the file name"
+    slides = pd.DataFrame({"slide_name": ["TCGA-AA-0001-01Z-00-DX1.x.svs", "TCGA-ZZ-9999-01Z-00-DX1.y.svs",
+                                          "random.svs"], "status": "ok"})
+    report = link(slides, clinical)
+    assert list(report["link"]) == ["linked", "no clinical", "no barcode"]
+    assert list(report["selected"]) == [True, True, False]
 
 
 def test_survival_frame_on_real_brca(shared_data):
