@@ -6,7 +6,10 @@ import pandas as pd
 from core.cohort import survival_frame
 from core.errors import AnalysisError
 
-STATS = ("mean", "median", "q90")
+# Slide-level statistics of a gene's tile predictions: mean, median, 90th percentile, Moran's I
+# (spatial heterogeneity: ~0 scattered, → 1 in large patches) and the fraction of the slide's
+# tiles above the cohort's 75th percentile of that gene ("high" tiles).
+STATS = ("mean", "median", "q90", "morans_i", "frac_high")
 
 
 def slide_values(store, cohort: str, model_key: str, gene: str, *, stat: str = "mean") -> pd.DataFrame:
@@ -16,7 +19,11 @@ def slide_values(store, cohort: str, model_key: str, gene: str, *, stat: str = "
     runs = store.cohort_runs(cohort, model_key).dropna(subset=["run_key"])
     if runs.empty:
         raise AnalysisError(f"No slide of cohort {cohort!r} has predictions from {model_key} yet.")
-    summary = store.slide_summary(model_key, [gene], list(runs["run_key"]))
+    if stat == "frac_high":
+        summary = store.fraction_above(model_key, gene, list(runs["run_key"]), 0.75).rename(
+            columns={"fraction": "frac_high"})
+    else:
+        summary = store.slide_summary(model_key, [gene], list(runs["run_key"]))
     df = runs[["patient", "slide_name", "slide_type", "selected", "run_key"]].merge(summary[["run_key", stat]],
                                                                                    on="run_key")
     return df.rename(columns={stat: gene})

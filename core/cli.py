@@ -9,25 +9,45 @@ from pathlib import Path
 
 from core.config import load_settings
 from core.errors import TesseraError
+from core.loso import METHODS
 
 log = logging.getLogger("tessera")
 
 
 def _tqdm_progress(label: str):
-    """A progress callback ``(done, total, *_)`` drawing one tqdm bar."""
+    """A progress callback for the engine's dicts (done, total, tiles_per_s, slide): one tqdm bar."""
     from tqdm import tqdm
 
     bar = {"bar": None}
 
-    def update(done: int, total: int, *_) -> None:
+    def update(p: dict) -> None:
         if bar["bar"] is None:
-            bar["bar"] = tqdm(total=total, desc=label, unit="slide")
-        bar["bar"].n = done
+            bar["bar"] = tqdm(total=p["total"], desc=label, unit="tile")
+        bar["bar"].n = p["done"]
+        bar["bar"].set_postfix_str(p.get("slide", ""), refresh=False)
         bar["bar"].refresh()
-        if done >= total:
+        if p["done"] >= p["total"]:
             bar["bar"].close()
 
     return update
+
+
+def _cancel_on_sigterm():
+    """SIGTERM/SIGINT → a clean stop after the current batch (finished chunks stay spooled)."""
+    import signal
+    import threading
+
+    flag = threading.Event()
+
+    def stop(*_):
+        if flag.is_set():  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        flag.set()
+        print("\nstopping after the current batch (finished chunks are kept; rerun to resume)…", file=sys.stderr)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return flag.is_set
 
 
 def cmd_demo(args) -> int:
@@ -58,23 +78,49 @@ def cmd_train(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    progress, stop = _tqdm_progress("predict"), _cancel_on_sigterm()
+    if not args.job_file:
+        return _predict(args, progress, stop)[0]
+    from core.jobs import job_reporter  # started by the app: report to its status file, honour cancel
+
+    report, cancel_requested, finish = job_reporter(args.job_file)
+    try:
+        code, message = _predict(args, lambda p: (progress(p), report(p)), lambda: stop() or cancel_requested())
+    except Exception as exc:
+        finish("failed", str(exc))
+        raise
+    finish("cancelled" if code == 130 else "done", message)
+    return code
+
+
+def _predict(args, progress, stop) -> tuple[int, str]:
     from core.modelhub import load_model
-    from core.predict import predict_cohort
-    from core.store import Store
+    from core.predict import StoreAccess, predict_cohort
 
     settings = load_settings(store_path=args.store, device=args.device)
     model = load_model(args.model or settings.default_model, settings.model_dirs)
-    with Store(settings.store_path) as store:
-        if args.cohort not in store.cohorts():
-            raise TesseraError(f"No cohort {args.cohort!r} in {settings.store_path}; "
-                               f"known: {', '.join(store.cohorts()) or 'none'}. Import it first.")
-        results = predict_cohort(store, args.cohort, model, device=settings.device, batch_size=args.batch_size,
-                                 workers=args.workers, force=args.force, min_tissue=args.min_tissue,
-                                 progress=_tqdm_progress("predict"))
+    if not settings.store_path.exists():
+        raise TesseraError(f"No store at {settings.store_path}. Import a cohort first (python -m core.cli import).")
+    with StoreAccess(settings.store_path).open(5.0, or_read_only=True) as store:  # brief: never held long
+        cohorts = store.cohorts()
+    if args.cohort not in cohorts:
+        raise TesseraError(f"No cohort {args.cohort!r} in {settings.store_path}; "
+                           f"known: {', '.join(cohorts) or 'none'}. Import it first.")
+    options = dict(device=settings.device, batch_size=args.batch_size, workers=args.workers, force=args.force,
+                   min_tissue=args.min_tissue, runtime=args.runtime, ingest_wait_s=args.ingest_wait)
+    if args.engine == "ray":
+        from core.distributed import predict_cohort_ray
+
+        results = predict_cohort_ray(settings.store_path, args.cohort, model, address=args.ray_address, **options)
+    else:
+        results = predict_cohort(settings.store_path, args.cohort, model, progress=progress, cancel=stop, **options)
     computed = [r for r in results if r.status == "computed"]
-    print(f"{len(results)} slides: {len(computed)} predicted ({sum(r.n_tiles for r in computed)} tiles), "
-          f"{len(results) - len(computed)} served from the cache")
-    return 0
+    stopped = [r for r in results if r.status == "cancelled"]
+    message = (f"{len(results)} slides: {len(computed)} predicted ({sum(r.n_tiles for r in computed)} tiles), "
+               f"{len(results) - len(computed) - len(stopped)} served from the cache"
+               + (f", {len(stopped)} stopped early (rerun to resume)" if stopped else ""))
+    print(message)
+    return (130 if stopped else 0), message
 
 
 def _mapping(args):
@@ -131,23 +177,25 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_loso(args) -> int:
-    from core.loso import prepare, run_loso, write_report
+    from core.loso import format_table, prepare, run_loso, write_report
     from core.stdata import find_sections, panel_genes
     from core.training import read_reference, reference_profiles
 
     sections = find_sections(args.st)
     genes = panel_genes(sections, args.panel)
-    profiles, types = reference_profiles(read_reference(args.reference, args.types), genes)
+    reference = read_reference(args.reference, args.types)
+    profiles, types = reference_profiles(reference, genes)
+    shares = reference.obs["cell_type"].astype(str).value_counts(normalize=True).to_dict()
     prepared = prepare(sections, genes, encoder=args.encoder, tile_um=args.tile_um, mpp=args.mpp,
                        cache_dir=args.cache)
-    report = run_loso(prepared, profiles.to_numpy(), genes, epochs=args.epochs, seed=args.seed)
+    report = run_loso(prepared, profiles.to_numpy(), genes, reference_types=types, type_shares=shares,
+                      epochs=args.epochs, cnn_epochs=args.cnn_epochs, seed=args.seed, encoder=args.encoder,
+                      methods=args.methods)
     report["setup"] = {"sections": [s.name for s in sections], "n_genes": len(genes), "encoder": args.encoder,
                        "tile_um": args.tile_um, "mpp": args.mpp, "epochs": args.epochs, "reference_types": types,
                        "mpp_sources": {s.name: f"{s.mpp:.4f} ({s.mpp_source})" for s in sections}}
     write_report(report, args.out)
-    print(f"{'method':<10}{'mean PCC':>10}{'median':>10}{'top-50':>10}")
-    for method, row in report["table"].items():
-        print(f"{method:<10}{row['mean_pcc']:>10.3f}{row['median_pcc']:>10.3f}{row['top50_pcc']:>10.3f}")
+    print(format_table(report))
     return 0
 
 
@@ -199,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="(re)train the demo model on the demo world's ST sections")
     t.add_argument("--dir", type=Path, default=None)
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--epochs", type=int, default=200)
+    t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--force", action="store_true", help="retrain even if a checkpoint exists")
     t.set_defaults(func=cmd_train)
 
@@ -208,8 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None)
     r.add_argument("--store", type=Path, default=None)
     r.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    r.add_argument("--workers", type=int, default=1)
-    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--workers", type=int, default=None, help="tile-reading processes (default: by core count)")
+    r.add_argument("--batch-size", type=int, default=None, help="default: 64 on CPU, the largest that fits on a GPU")
+    r.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
+                   help="auto: ONNX Runtime on CPU (verified against PyTorch), PyTorch + AMP on CUDA")
+    r.add_argument("--engine", default="local", choices=["local", "ray"])
+    r.add_argument("--job-file", type=Path, default=None, help=argparse.SUPPRESS)  # set by the app's job runner
+    r.add_argument("--ingest-wait", type=float, default=30.0,
+                   help="seconds to wait for the store's lock at the end; finished runs left in the spool "
+                        "are ingested by the next writer (the app on its next page load)")
+    r.add_argument("--ray-address", default=None, help="a Ray cluster (default: $RAY_ADDRESS or a local instance)")
     r.add_argument("--force", action="store_true")
     r.add_argument("--min-tissue", type=float, default=0.3, help="tissue fraction a tile needs (0–1)")
     r.set_defaults(func=cmd_predict)
@@ -229,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--encoder", default="efficientnet_lite0")
     lo.add_argument("--tile-um", type=float, default=112.0)
     lo.add_argument("--mpp", type=float, default=0.5)
-    lo.add_argument("--epochs", type=int, default=30)
+    lo.add_argument("--epochs", type=int, default=30, help="fusion-model epochs (fixed, never tuned on the test section)")
+    lo.add_argument("--cnn-epochs", type=int, default=4, help="epochs of the end-to-end CNN baseline")
+    lo.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="default: all")
     lo.add_argument("--seed", type=int, default=0)
     lo.add_argument("--cache", type=Path, default=Path("data/cache/features"))
     lo.add_argument("--out", type=Path, required=True)

@@ -5,51 +5,31 @@ Whatever the input, :func:`read_clinical` returns one row per patient: ``bcr_pat
 DSS.time, DFI, DFI.time, PFI, PFI.time`` (events 0/1 as float, times in **days** as float, NaN
 when unknown), then every other column as a covariate. Every row removed and every value
 nulled is reported as a :class:`ClinicalIssue`.
+
+File reading lives in :mod:`core.clinical_io`, the value cleaning shared by all formats in
+:mod:`core.clinical_values` and the GDC format in :mod:`core.clinical_gdc`; the names used
+elsewhere stay importable from here.
 """
 from __future__ import annotations
 
-import csv
-import gzip
 import logging
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
 import pandas as pd
 
+from core.clinical_io import _drop_index_columns, preview_columns, read_raw
+from core.clinical_values import (ENDPOINT_COLUMNS, ENDPOINTS, EVENT_WORDS, MISSING_MARKERS,  # noqa: F401 re-exported
+                                  ClinicalIssue, Issues, assemble, clean_times, infer_numeric, is_missing,
+                                  keep_identified, normalise_ids, parse_events, report_missing, some)
 from core.errors import ClinicalFormatError
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("OS", "DSS", "DFI", "PFI")
-ENDPOINT_COLUMNS = tuple(c for ep in ENDPOINTS for c in (ep, f"{ep}.time"))
 FORMATS = ("tcga-cdr", "gdc", "generic")
 DAYS_PER = {"days": 1.0, "months": 30.4375, "years": 365.25}
-_EXCEL = (".xlsx", ".xlsm")
-_TEXT = (".csv", ".tsv", ".txt", ".tab", ".csv.gz", ".tsv.gz", ".txt.gz")
-# Strings that mean "not known" in TCGA, GDC and cBioPortal files; read as missing, not as odd.
-MISSING_MARKERS = frozenset({"", "na", "n/a", "nan", "none", "null", "--", "'--", "not reported", "unknown",
-                             "[not available]", "[unknown]", "[not applicable]", "[discrepancy]",
-                             "[not evaluated]", "[not reported]"})
-EVENT_WORDS = {"dead": 1, "deceased": 1, "died": 1, "yes": 1, "true": 1, "event": 1, "progression": 1,
-               "recurred": 1, "recurred/progressed": 1, "relapse": 1, "alive": 0, "living": 0, "no": 0,
-               "false": 0, "censored": 0, "diseasefree": 0, "disease free": 0}
-_CBIO_EVENT = re.compile(r"^\s*([01])\s*:")  # cBioPortal "1:DECEASED", "0:DiseaseFree"
-_TCGA_PATIENT = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(?:-|$)", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class ClinicalIssue:
-    """One finding of an import; ``patients`` lists every patient concerned (``patient`` when one)."""
-
-    severity: str  # "error" | "warning" | "info"
-    patient: str | None
-    column: str | None
-    message: str
-    patients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,117 +91,11 @@ class ClinicalImport:
         return [i for i in self.issues if i.severity == severity]
 
 
-class Issues(list):
-    """Collects :class:`ClinicalIssue` while an import runs."""
-
-    def add(self, severity: str, message: str, *, column: str | None = None, patients=()) -> None:
-        pts = tuple(dict.fromkeys(str(p) for p in patients))
-        self.append(ClinicalIssue(severity, pts[0] if len(pts) == 1 else None, column, message, pts))
-        log.debug("%s: %s", severity, message)
-
-
-def some(values, limit: int = 8) -> str:
-    """``a, b, c and 12 more`` for messages."""
-    vals = [str(v) for v in dict.fromkeys(values)]
-    head = ", ".join(vals[:limit])
-    return head + (f" and {len(vals) - limit} more" if len(vals) > limit else "")
-
-
 def _as_tuple(cols) -> tuple[str, ...]:
     return tuple(cols) if isinstance(cols, (tuple, list)) else (cols,)
 
 
-# ---------------------------------------------------------------- reading the file
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return next((s for s in (*_TEXT, *_EXCEL, ".xls") if name.endswith(s)), path.suffix.lower())
-
-
-def _read_excel(path: Path, sheet, nrows: int | None) -> pd.DataFrame:
-    try:
-        with pd.ExcelFile(path, engine="openpyxl") as book:
-            if sheet is None:
-                sheet = "TCGA-CDR" if "TCGA-CDR" in book.sheet_names else book.sheet_names[0]
-            elif sheet not in book.sheet_names and not isinstance(sheet, int):
-                raise ClinicalFormatError(f"{path.name} has no sheet {sheet!r}; its sheets are "
-                                          f"{', '.join(book.sheet_names)}.")
-            return book.parse(sheet, dtype=str, nrows=nrows, na_values=["'--"])
-    except ClinicalFormatError:
-        raise
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
-        raise ClinicalFormatError(f"{path.name} cannot be opened as an Excel workbook ({e}). Save it again "
-                                  "from Excel as .xlsx, or export the sheet as CSV.") from e
-
-
-def _read_text(path: Path, nrows: int | None, bad_lines: list) -> pd.DataFrame:
-    try:
-        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as fh:
-            head = fh.read(65536)
-    except OSError as e:
-        raise ClinicalFormatError(f"{path.name} cannot be read ({e}); give an uncompressed CSV or TSV.") from e
-    if head.startswith(b"PK\x03\x04"):
-        raise ClinicalFormatError(f"{path.name} is a zip/Excel file with a text suffix; rename it to .xlsx.")
-    if b"\x00" in head:
-        raise ClinicalFormatError(f"{path.name} is a binary file, not a text table. Give a CSV, TSV or XLSX.")
-    first = head.decode("latin-1").splitlines()[0] if head.strip() else ""
-    sep = "\t" if "\t" in first else (";" if first.count(";") > first.count(",") else ",")
-    for encoding in ("utf-8-sig", "latin-1"):  # utf-8-sig: Excel writes a BOM
-        try:
-            return pd.read_csv(path, sep=sep, dtype=str, nrows=nrows, na_values=["'--"], engine="python",
-                               encoding=encoding, on_bad_lines=lambda fields: bad_lines.append(fields))
-        except UnicodeDecodeError:
-            continue
-        except pd.errors.EmptyDataError as e:
-            raise ClinicalFormatError(f"{path.name} is empty; export the clinical table again.") from e
-        except (pd.errors.ParserError, csv.Error) as e:
-            raise ClinicalFormatError(f"{path.name} could not be parsed as a table ({e}). Check that it is a "
-                                      "CSV/TSV with one header row.") from e
-    raise ClinicalFormatError(f"{path.name}: unknown text encoding; save it as UTF-8 CSV.")
-
-
-def read_raw(path: str | Path, *, sheet=None, nrows: int | None = None,
-             issues: Issues | None = None) -> pd.DataFrame:
-    """The file as a frame of strings (NaN when empty); raises ClinicalFormatError when it is no table."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClinicalFormatError(f"No clinical file at {path}; check the path.")
-    kind = _suffix(path)
-    if kind == ".xls":
-        raise ClinicalFormatError(f"{path.name} is an old .xls workbook; save it as .xlsx or CSV.")
-    bad_lines: list = []
-    if kind in _EXCEL:
-        df = _read_excel(path, sheet, nrows)
-    elif kind in _TEXT:
-        df = _read_text(path, nrows, bad_lines)
-    else:
-        raise ClinicalFormatError(f"{path.name}: unsupported file type {kind or '(none)'}; give CSV, TSV or XLSX.")
-    if df.shape[1] < 2:
-        raise ClinicalFormatError(f"{path.name} has {df.shape[1]} column(s) ({some(df.columns)}): not a "
-                                  "clinical table. It needs a header row and columns separated by commas or tabs.")
-    df.columns = [str(c).strip() for c in df.columns]
-    if bad_lines and issues is not None:
-        issues.add("warning", f"Skipped {len(bad_lines)} malformed line(s) with more fields than the header "
-                   f"(first fields: {some(f[0] for f in bad_lines)}). Fix them in the file to import them.")
-    return df
-
-
-def _drop_index_columns(df: pd.DataFrame, issues: Issues) -> pd.DataFrame:
-    """Unnamed columns that are empty or a running row number (spreadsheet index) carry no data."""
-    drop = []
-    for c in (c for c in df.columns if c.startswith("Unnamed:")):
-        num = pd.to_numeric(df[c], errors="coerce")
-        if df[c].isna().all() or (num.notna().all() and (num.diff().dropna() == 1).all()):
-            drop.append(c)
-    if drop:
-        issues.add("info", f"Ignored {len(drop)} unnamed column(s) holding only a row number or nothing.")
-    return df.drop(columns=drop)
-
-
-def preview_columns(path: str | Path, *, sheet=None) -> list[str]:
-    """Header of the table (the ``TCGA-CDR`` sheet of a workbook that has one, else its first sheet)."""
-    return list(read_raw(path, sheet=sheet, nrows=0).columns)
-
+# ---------------------------------------------------------------- detecting the format
 
 def _detect(columns) -> str:
     cols = {str(c).strip() for c in columns}
@@ -280,117 +154,6 @@ def suggest_mapping(columns) -> ColumnMapping | None:
     if patient is None or not endpoints:
         return None
     return ColumnMapping(patient=patient, endpoints=endpoints, time_unit=units[0])
-
-
-# ---------------------------------------------------------------- value cleaning (shared with clinical_gdc)
-
-def is_missing(values: pd.Series) -> pd.Series:
-    """True where a value is empty or a known 'not known' marker (see MISSING_MARKERS)."""
-    return values.isna() | values.astype("string").str.strip().str.lower().isin(MISSING_MARKERS).fillna(True)
-
-
-def parse_events(values: pd.Series, ids: pd.Series, column: str, issues: Issues,
-                 extra: Mapping[str, int] | None = None) -> pd.Series:
-    """Event indicators as float 1/0; values outside the allowed set become NaN with a warning."""
-    words = {**EVENT_WORDS, **{str(k).strip().lower(): int(v) for k, v in (extra or {}).items()}}
-    text = values.astype("string").str.strip()
-    out = text.str.lower().map(words).astype(float)
-    num = pd.to_numeric(text, errors="coerce")
-    out = out.fillna(num.where(num.isin([0, 1])))
-    cbio = text.str.extract(_CBIO_EVENT)[0]
-    out = out.fillna(pd.to_numeric(cbio, errors="coerce")).astype(float)
-    odd = out.isna() & ~is_missing(values)
-    if odd.any():
-        issues.add("warning", f"{column}: {int(odd.sum())} value(s) are not a recognised event code "
-                   f"({some(repr(v) for v in text[odd])}); set to missing. Allowed: 0/1, Dead/Alive, yes/no, "
-                   "'1:DECEASED'/'0:LIVING' — or add them to event_values.", column=column, patients=ids[odd])
-    return out
-
-
-def clean_times(values: pd.Series, ids: pd.Series, column: str, issues: Issues,
-                days_per_unit: float = 1.0) -> pd.Series:
-    """Times converted to days (``days_per_unit`` days per input unit); odd or negative → NaN + warning."""
-    num = pd.to_numeric(values.astype("string").str.strip(), errors="coerce").astype(float)
-    odd = num.isna() & ~is_missing(values)
-    if odd.any():
-        issues.add("warning", f"{column}: {int(odd.sum())} value(s) are not numbers "
-                   f"({some(repr(v) for v in values[odd])}); set to missing.", column=column, patients=ids[odd])
-    neg = num < 0
-    if neg.any():
-        issues.add("warning", f"{column}: {int(neg.sum())} negative time(s) set to missing (patients "
-                   f"{some(ids[neg])}). Times count from diagnosis and cannot be negative; check the source.",
-                   column=column, patients=ids[neg])
-        num = num.mask(neg)
-    return num * days_per_unit
-
-
-def report_missing(table: pd.DataFrame, issues: Issues) -> None:
-    """One info per endpoint column with missing values (those patients drop out of that analysis)."""
-    for ep in ENDPOINTS:
-        if table[[ep, f"{ep}.time"]].isna().all(axis=None):
-            issues.add("info", f"No {ep} data in this file; {ep} analyses are unavailable.", column=ep)
-            continue
-        for col in (ep, f"{ep}.time"):
-            miss = table[col].isna()
-            if miss.any():
-                ids = table.loc[miss, "bcr_patient_barcode"]
-                issues.add("info", f"{col} is missing for {int(miss.sum())} of {len(table)} patients ({some(ids)}); "
-                           f"they are left out of {ep} analyses.", column=col, patients=ids)
-
-
-def normalise_ids(raw: pd.Series, issues: Issues) -> pd.Series:
-    """Patient ids stripped; TCGA sample/aliquot barcodes shortened to the upper-case 12-char patient."""
-    text = raw.astype("string").str.strip()
-    tcga = text.str.extract(_TCGA_PATIENT)[0].str.upper()
-    shortened = (tcga.notna() & (tcga.str.len() < text.str.len())).fillna(False)
-    if shortened.any():
-        ex = text[shortened].iloc[0]
-        issues.add("info", f"{int(shortened.sum())} TCGA sample/aliquot barcode(s) shortened to patient "
-                   f"barcodes (e.g. {ex} → {tcga[shortened].iloc[0]}).", patients=tcga[shortened])
-    return tcga.fillna(text).replace("", pd.NA)
-
-
-def keep_identified(df: pd.DataFrame, ids: pd.Series, issues: Issues, *, dedupe: bool = True):
-    """Rows without an id dropped; with ``dedupe`` duplicate ids keep their first row. Both reported."""
-    empty = ids.isna()
-    if empty.any():
-        lines = (empty.index[empty.to_numpy()] + 2).tolist()  # +2: header row, 1-based numbering
-        issues.add("warning", f"Dropped {int(empty.sum())} row(s) without a patient id (file lines {some(lines)}).")
-    df, ids = df[~empty], ids[~empty]
-    if dedupe:
-        dup = ids.duplicated(keep="first")
-        if dup.any():
-            issues.add("warning", f"{int(dup.sum())} duplicate row(s) for {ids[dup].nunique()} patient id(s) "
-                       f"({some(ids[dup])}); kept the first row of each, dropped the others.", patients=ids[dup])
-        df, ids = df[~dup], ids[~dup]
-    return df.reset_index(drop=True), ids.reset_index(drop=True).astype(object)
-
-
-def infer_numeric(df: pd.DataFrame) -> pd.DataFrame:
-    """Text columns whose every non-missing value is a number become numeric."""
-    out = df.copy()
-    for c in out.columns:
-        if out[c].dtype == object or isinstance(out[c].dtype, pd.StringDtype):
-            num = pd.to_numeric(out[c], errors="coerce")
-            if num.notna().sum() == out[c].notna().sum() and num.notna().any():
-                out[c] = num
-    return out
-
-
-def assemble(ids: pd.Series, endpoints: dict, covariates: pd.DataFrame, issues: Issues) -> pd.DataFrame:
-    """The normalised table: id, the 8 endpoint columns (NaN when absent), then covariates."""
-    out = pd.DataFrame({"bcr_patient_barcode": ids.astype(object).to_numpy()})
-    for ep in ENDPOINTS:
-        event, time = endpoints.get(ep, (None, None))
-        out[ep] = np.nan if event is None else event.to_numpy(dtype=float)
-        out[f"{ep}.time"] = np.nan if time is None else time.to_numpy(dtype=float)
-    cov = infer_numeric(covariates.reset_index(drop=True))
-    clash = [c for c in cov.columns if c in out.columns]
-    if clash:
-        cov = cov.rename(columns={c: f"{c}_original" for c in clash})
-        issues.add("info", f"Column(s) {some(clash)} kept as {some(c + '_original' for c in clash)} so they "
-                   "do not collide with the normalised columns.")
-    return pd.concat([out, cov], axis=1)
 
 
 # ---------------------------------------------------------------- the three formats

@@ -13,8 +13,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from core.clinical import (Issues, assemble, clean_times, keep_identified, normalise_ids,
-                           parse_events, some)
+from core.clinical_values import (Issues, assemble, clean_times, keep_identified, normalise_ids,
+                                  parse_events, some)
 from core.errors import ClinicalFormatError
 
 log = logging.getLogger(__name__)

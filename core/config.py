@@ -18,6 +18,7 @@ class Settings:
     """Where things live and how inference runs. Paths are absolute after loading."""
 
     data_dir: Path = REPO_ROOT / "data"
+    cache_dir: Path = REPO_ROOT / "data" / "cache"  # exported ONNX models, feature caches
     store_path: Path = REPO_ROOT / "data" / "demo" / "tessera.duckdb"
     demo_dir: Path = REPO_ROOT / "data" / "demo"
     model_dirs: tuple[Path, ...] = (REPO_ROOT / "models" / "weights", REPO_ROOT / "data" / "demo" / "models")
@@ -30,6 +31,7 @@ class Settings:
 
 _ENV = {
     "data_dir": "TESSERA_DATA_DIR",
+    "cache_dir": "TESSERA_CACHE_DIR",
     "store_path": "TESSERA_STORE",
     "demo_dir": "TESSERA_DEMO_DIR",
     "default_model": "TESSERA_MODEL",

@@ -28,7 +28,7 @@ def ensure_world(demo_dir: Path, *, seed: int, **world_kwargs) -> dict:
     return build_world(demo_dir, seed=seed, **world_kwargs)
 
 
-def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 200) -> Path:
+def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 40) -> Path:
     """Train the demo model on the world's ST sections, holding the last one out for metrics."""
     import anndata as ad
 
@@ -54,14 +54,15 @@ def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 200
         training_data={"source": "Tessera synthetic demo world", "seed": manifest.get("seed"),
                        "sections": [s.name for s in sections if s.name != held_out], "held_out": held_out},
         metrics=metrics,
-        description="Reference-informed head (composition × synthetic reference profiles, refined by "
-                    "frozen ImageNet EfficientNet-Lite0 features) trained on synthetic ST sections.")
+        description="SciSt-style fusion (the same architecture as breast-her2st): learned composition × "
+                    "synthetic reference profiles as a query token, two-way attention over frozen ImageNet "
+                    "EfficientNet-Lite0 feature-map tokens, residual MLP to the panel; trained on synthetic ST sections.")
     save_checkpoint(out, model.head, card)
     log.info("demo model: trained, held-out %s mean PCC %.3f", held_out, metrics["held_out"][held_out]["mean_pcc"])
     return out
 
 
-def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: int = 200,
+def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: int = 40,
                progress=None) -> dict:
     """Run every step; returns counts of computed vs cached slides and the timings."""
     from core.importer import import_cohort
@@ -83,8 +84,9 @@ def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: 
         if DEMO_COHORT not in store.cohorts():
             import_cohort(store, DEMO_COHORT, demo / "slides", demo / "clinical" / "clinical.csv",
                           fmt="tcga-cdr", tiling=model.tiling())
-        results = predict_cohort(store, DEMO_COHORT, model, device=settings.device,
-                                 batch_size=settings.batch_size, workers=settings.workers, progress=progress)
+    # by path: the engine opens the store only for moments, so the app can read meanwhile
+    results = predict_cohort(settings.store_path, DEMO_COHORT, model, device=settings.device,
+                             batch_size=settings.batch_size, workers=settings.workers, progress=progress)
     timings["predict_s"] = time.perf_counter() - t
     computed = [r for r in results if r.status == "computed"]
     return {"slides": len(results), "computed": len(computed), "cached": len(results) - len(computed),

@@ -27,7 +27,7 @@ import pyarrow as pa
 from core.errors import StoreError
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS cohort_issues (
     cohort VARCHAR, severity VARCHAR, kind VARCHAR, subject VARCHAR, message VARCHAR);
 """
 
+# v3: Moran's I per slide and gene (spatial heterogeneity) in slide_summary.
+_SUMMARY_V3 = [("morans_i", "REAL")]
 # v2: the import report's columns on cohort_slides (added in place to v1 stores).
 _COHORT_SLIDE_V2 = [("link", "VARCHAR"), ("selected", "BOOLEAN"), ("vendor", "VARCHAR"), ("width", "INTEGER"),
                     ("height", "INTEGER"), ("levels", "INTEGER"), ("mpp", "DOUBLE"), ("mpp_source", "VARCHAR"),
@@ -95,20 +97,30 @@ class RunRecord:
 class Store:
     """A DuckDB file holding cohorts, predictions and summaries; use as a context manager."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False):
+    def __init__(self, path: str | Path, *, read_only: bool = False, wait_s: float = 2.0):
+        """Open the store; while another process holds the lock (e.g. a job ingesting a slide for
+        a moment), retry for up to ``wait_s`` seconds before giving up with a clear message."""
+        import time
+
         self.path = Path(path)
         self.read_only = read_only
         if read_only and not self.path.exists():
             raise StoreError(f"No store at {self.path}. Build the demo with `make demo` or import a cohort.")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as exc:
-            busy = "lock" in str(exc).lower()
-            raise StoreError(
-                f"The store {self.path.name} is busy: another process (a CLI job?) is writing to it. "
-                "Try again when it has finished." if busy else f"Cannot open the store {self.path}: {exc}"
-            ) from exc
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:
+                busy = "lock" in str(exc).lower()
+                if busy and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                raise StoreError(
+                    f"The store {self.path.name} is busy: another process holds its lock "
+                    "(a prediction job ingesting results, or another writer). Try again in a moment."
+                    if busy else f"Cannot open the store {self.path}: {exc}") from exc
         if not read_only:
             self._migrate()
 
@@ -125,6 +137,8 @@ class Store:
         self.con.execute(_SCHEMA)
         for column, kind in _COHORT_SLIDE_V2:
             self.con.execute(f"ALTER TABLE cohort_slides ADD COLUMN IF NOT EXISTS {column} {kind}")
+        for column, kind in _SUMMARY_V3:
+            self.con.execute(f"ALTER TABLE slide_summary ADD COLUMN IF NOT EXISTS {column} {kind}")
         row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
@@ -189,9 +203,12 @@ class Store:
                          **{g: expression[:, i].astype(np.float32) for i, g in enumerate(genes)}})
         vectors = pa.table({"run_key": [run.run_key] * n, "tile_idx": idx,
                             "embedding": _list_array(embedding), "composition": _list_array(composition)})
+        from core.spatial import grid_neighbours, morans_i
+
         q = np.quantile(expression, [0.5, 0.9], axis=0)
+        moran = morans_i(expression, grid_neighbours(xy, run.tile_size))
         summary = pd.DataFrame({"run_key": run.run_key, "gene": genes, "mean": expression.mean(axis=0),
-                                "median": q[0], "q90": q[1]})
+                                "median": q[0], "q90": q[1], "morans_i": moran.astype(np.float32)})
         con = self.con
         con.execute("BEGIN")
         try:
@@ -205,7 +222,7 @@ class Store:
             con.register("_vec", vectors)
             con.execute("INSERT INTO tile_vectors SELECT * FROM _vec")
             con.register("_summary", summary)
-            con.execute("INSERT INTO slide_summary SELECT * FROM _summary")
+            con.execute("INSERT INTO slide_summary BY NAME SELECT * FROM _summary")
             con.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
                         [run.run_key, run.slide_fp, run.model_key, run.tiling_key, json.dumps(run.tiling),
                          run.slide_name, run.slide_path, n, run.tile_size, run.width, run.height, run.mpp,
@@ -217,6 +234,25 @@ class Store:
         finally:
             for name in ("_tiles", "_pred", "_vec", "_summary"):
                 con.unregister(name)
+
+    def ingest(self, spool) -> list[str]:
+        """Move every complete run of a :class:`core.spool.Spool` into the store, one transaction
+        each, then delete it from the spool. Idempotent: a crash between the commit and the
+        deletion re-ingests the same rows (``write_run`` replaces a run), never duplicates them."""
+        done = []
+        for run_key in spool.complete_runs():
+            record, arrays = spool.read_run(run_key)
+            model = record.pop("model")
+            self.register_model(model["model_id"], model["version"], model["genes"], model["cell_types"],
+                                model["card"])
+            xy = np.stack([arrays["x"], arrays["y"]], axis=1)
+            self.write_run(RunRecord(**record), xy, arrays["tissue"], arrays["expression"], arrays["embedding"],
+                           arrays["composition"])
+            spool.remove(run_key)
+            done.append(run_key)
+        if done:
+            log.info("ingested %d run(s) from %s", len(done), spool.root)
+        return done
 
     # -- cohorts ------------------------------------------------------------------------------
     def save_cohort(self, name: str, slides: pd.DataFrame, clinical: pd.DataFrame, source: dict,
@@ -334,11 +370,23 @@ class Store:
         return index, emb, comp
 
     def slide_summary(self, model_key: str, genes: list[str], run_keys: list[str]) -> pd.DataFrame:
+        """Per slide and gene: mean, median, q90 and Moran's I of the tile predictions."""
         return self.con.execute("""
-            SELECT s.run_key, r.slide_name, r.slide_fp, s.gene, s.mean, s.median, s.q90
+            SELECT s.run_key, r.slide_name, r.slide_fp, s.gene, s.mean, s.median, s.q90, s.morans_i
             FROM slide_summary s JOIN runs r USING (run_key)
             WHERE s.run_key IN (SELECT unnest(?::VARCHAR[])) AND s.gene IN (SELECT unnest(?::VARCHAR[]))""",
                                 [run_keys, genes]).df()
+
+    def fraction_above(self, model_key: str, gene: str, run_keys: list[str], quantile: float = 0.75) -> pd.DataFrame:
+        """Per slide, the fraction of its tiles above the *cohort* threshold: the ``quantile`` of
+        ``gene`` over all tiles of ``run_keys``. Columns run_key, threshold, fraction."""
+        table = self._pred_table(model_key, gene)
+        col = _ident(gene)
+        return self.con.execute(f"""
+            WITH sel AS (SELECT run_key, {col} AS v FROM {table} WHERE run_key IN (SELECT unnest(?::VARCHAR[]))),
+                 thr AS (SELECT quantile_cont(v, ?) AS t FROM sel)
+            SELECT run_key, any_value(thr.t) AS threshold, avg((v > thr.t)::DOUBLE) AS fraction
+            FROM sel, thr GROUP BY run_key ORDER BY run_key""", [run_keys, quantile]).df()
 
     def _pred_table(self, model_key: str, gene: str) -> str:
         info = self.model_info(model_key)

@@ -105,34 +105,41 @@ def encode_patches(model, patches: np.ndarray, *, batch_size: int = 64) -> np.nd
 
 
 def train_on_sections(sections: list[Section], profiles: pd.DataFrame, *, encoder: str = "efficientnet_lite0",
-                      held_out: str | None = None, epochs: int = 200, seed: int = 0):
-    """Train a reference-informed head on frozen encoder features.
+                      held_out: str | None = None, epochs: int = 40, seed: int = 0):
+    """Train a SciSt-style fusion head (:class:`models.fusion.FusionHead`) on frozen encoder tokens.
 
-    Returns (model, metrics) where metrics are on the ``held_out`` section (never used for fitting
-    or for choosing epochs) and the training time. The caller saves the checkpoint.
+    The composition is learned (softmax over the reference types); where the sections carry a
+    true composition (synthetic data only) it also supervises that composition. Returns
+    (model, metrics): metrics on the ``held_out`` section (never used for fitting or for choosing
+    epochs) and the training time. The caller saves the checkpoint.
     """
     import torch
     from models.encoders import create_encoder
     from models.evaluate import summarize
-    from models.scist import HeadConfig, ReferenceInformedHead, TesseraModel
-    from models.train import fit_head
+    from models.fusion import FusionConfig, FusionHead
+    from models.scist import TesseraModel
+    from models.train import fit_fusion
 
     torch.manual_seed(seed)
     started = time.perf_counter()
     genes, types = list(profiles.columns), list(profiles.index)
     enc = create_encoder(encoder)
-    head = ReferenceInformedHead(HeadConfig(enc.dim, len(genes), len(types)),
-                                 torch.tensor(profiles.to_numpy(), dtype=torch.float32))
+    px = sections[0].patches.shape[1]
+    with torch.inference_mode():  # the token count follows from the encoder and the input size
+        n_tokens = enc.module.tokens(torch.zeros(1, 3, px, px)).shape[1]
+    head = FusionHead(FusionConfig(enc.dim, n_tokens, len(genes), len(types)),
+                      torch.tensor(profiles.to_numpy(), dtype=torch.float32))
     model = TesseraModel(enc, head).eval()
     feats = {s.name: encode_patches(model, s.patches) for s in sections}
     train = [s for s in sections if s.name != held_out]
     use_comp = all(s.composition is not None for s in train)
-    fit_head(head,
-             torch.tensor(np.concatenate([feats[s.name] for s in train])),
-             torch.tensor(np.concatenate([s.targets for s in train])),
-             composition=torch.tensor(np.concatenate([s.composition for s in train])) if use_comp else None,
-             epochs=epochs, seed=seed)
-    metrics: dict = {"train_sections": [s.name for s in train], "train_spots": int(sum(len(s.targets) for s in train))}
+    fit_fusion(head,
+               torch.tensor(np.concatenate([feats[s.name] for s in train])),
+               torch.tensor(np.concatenate([s.targets for s in train])),
+               true_composition=torch.tensor(np.concatenate([s.composition for s in train])) if use_comp else None,
+               epochs=epochs, seed=seed)
+    metrics: dict = {"train_sections": [s.name for s in train], "train_spots": int(sum(len(s.targets) for s in train)),
+                     "epochs": epochs}
     if held_out is not None:
         test = next(s for s in sections if s.name == held_out)
         with torch.inference_mode():

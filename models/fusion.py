@@ -77,7 +77,7 @@ class FusionHead(ReferenceHead):
             composition = torch.softmax(self.composition(tokens.mean(dim=1)), dim=-1)
         prior = composition @ self.profiles
         img = self.img_proj(tokens) + self.pos
-        q = torch.cat([self.prior_token(prior).unsqueeze(1), self.out_token.expand(len(tokens), -1, -1)], dim=1)
+        q = torch.cat([self.prior_token(prior).unsqueeze(1), self.out_token.expand(tokens.shape[0], -1, -1)], dim=1)
         for block in self.blocks:
             q, img = block(q, img)
         expr = prior + self.head(q[:, 1])

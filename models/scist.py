@@ -105,12 +105,17 @@ class ModelCard:
 _HEADS = {"pooled": (HeadConfig, ReferenceInformedHead), "fusion": (FusionConfig, FusionHead)}
 
 
-def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard) -> ModelCard:
-    """Write ``model.pt`` + ``card.json``; the version is a hash of the weights file."""
+def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard, *, half: bool = True) -> ModelCard:
+    """Write ``model.pt`` + ``card.json``; the version is a hash of the weights file.
+
+    ``half`` stores floating-point weights as float16 (half the size; loading casts them back to
+    float32, and predictions move by ~1e-3 of a log-expression unit).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     head_type = "fusion" if isinstance(head, FusionHead) else "pooled"
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in head.state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "head_type": head_type, "head_config": asdict(head.config),
-               "head_state": head.state_dict(), "card": {**asdict(card), "version": ""}}
+               "head_state": state, "card": {**asdict(card), "version": ""}}
     path = directory / "model.pt"
     torch.save(payload, path)
     card.version = hashlib.blake2b(path.read_bytes(), digest_size=6).hexdigest()
@@ -125,7 +130,8 @@ def load_checkpoint(directory: Path, *, encoder_weights: str | Path | None = Non
         raise ValueError(f"{directory}: unknown checkpoint format {payload.get('format')!r}")
     card = ModelCard(**json.loads((directory / "card.json").read_text()))
     config_cls, head_cls = _HEADS[payload.get("head_type", "pooled")]
-    head = head_cls(config_cls(**payload["head_config"]), payload["head_state"]["profiles"])
-    head.load_state_dict(payload["head_state"])
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["head_state"].items()}
+    head = head_cls(config_cls(**payload["head_config"]), state["profiles"])
+    head.load_state_dict(state)
     model = TesseraModel(create_encoder(card.encoder, weights_path=encoder_weights), head).eval()
     return model, card

@@ -111,8 +111,28 @@ def tile_image(slide_path: str, x: int, y: int, size: int, out_px: int = 192):
     return read(slide_path, int(x), int(y), int(size), out_px)
 
 
+def ingest_pending() -> int:
+    """Bring finished runs of background/CLI jobs from the spool into the store (when the lock is
+    free for a moment; otherwise they wait for the next page load). Returns how many."""
+    from core.predict import StoreAccess
+
+    access = StoreAccess(store_path())
+    if not access.spool.complete_runs():
+        return 0
+    try:
+        n = access.ingest(wait_s=0.5)
+    except TesseraError as exc:
+        log.warning("ingest skipped: %s", exc)
+        return 0
+    if n:
+        st.cache_data.clear()
+    return n
+
+
 def sidebar() -> tuple[str | None, str | None]:
     """Cohort and model pickers: (cohort, model_key); model_key is None before any prediction."""
+    if store_path().exists():
+        ingest_pending()
     if not store_path().exists():
         st.sidebar.warning("No store yet.")
         st.info(f"No predictions store at `{store_path()}`. Run `make run` (builds the demo cohort), "

@@ -1,6 +1,7 @@
 """Survival: a predicted biomarker split at the median, KM curves, log-rank p, Cox HR (95 % CI)."""
 import streamlit as st
 
+from core.biomarkers import STATS
 from core.cohort import ENDPOINTS
 from core.plots import km_figure
 from core.survival import split_survival
@@ -15,7 +16,8 @@ with _ui.guard():
         c1, c2, c3, c4 = st.columns(4)
         gene = c1.selectbox("Gene", genes, index=genes.index("CD8A") if "CD8A" in genes else 0, key="sv_gene")
         endpoint = c2.selectbox("Endpoint", list(ENDPOINTS), key="sv_endpoint")
-        stat = c3.selectbox("Slide statistic", ["mean", "median", "q90"], key="sv_stat")
+        stat = c3.selectbox("Slide statistic", list(STATS), key="sv_stat",
+                            help="morans_i: spatial heterogeneity; frac_high: share of tiles above the cohort's 75th percentile")
         split = c4.selectbox("Split", ["median", "tertile"], key="sv_split")
         data = _ui.query("core.biomarkers:survival_table", cohort, model, gene, endpoint, stat=stat)
         result = split_survival(data, gene, endpoint, split=split)

@@ -5,7 +5,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = ["pages/cohort.py", "pages/slide.py", "pages/crossmodal.py", "pages/survival.py"]
+PAGES = ["pages/cohort.py", "pages/slide.py", "pages/crossmodal.py", "pages/survival.py", "pages/predictions.py"]
 
 
 @pytest.fixture(scope="module")

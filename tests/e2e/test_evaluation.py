@@ -33,21 +33,31 @@ def test_evaluate_cli_writes_the_documented_json(world, tmp_path, monkeypatch):
 
 
 def test_loso_table_on_synthetic_sections(world, tmp_path):
-    from core.loso import prepare, run_loso
+    from core.loso import METHODS, format_table, prepare, run_loso
+    from core.nuclei import CLASSES
+    from core.nuclei_classes import SYNTH_MAPPING
     from core.stdata import find_sections
     from core.training import read_reference, reference_profiles
 
     settings, card = world
     sections = find_sections(settings.demo_dir / "st")[:3]
     genes = card["genes"]
-    profiles, _ = reference_profiles(read_reference(settings.demo_dir / "reference" / "reference.h5ad"), genes)
+    reference = read_reference(settings.demo_dir / "reference" / "reference.h5ad")
+    profiles, types = reference_profiles(reference, genes, card["cell_types"])
+    shares = reference.obs["cell_type"].astype(str).value_counts(normalize=True).to_dict()
     prepared = prepare(sections, genes, encoder="efficientnet_lite0", tile_um=112, mpp=1.0, cache_dir=tmp_path)
     assert prepared[0].tokens.shape[1:] == (9, 1280)  # 112 px → a 3 × 3 feature map
-    report = run_loso(prepared, profiles.to_numpy(), genes, epochs=3)
+    assert prepared[0].small.shape[1:] == (56, 56, 3) and prepared[0].nuclei.shape[1] == len(CLASSES)
+    report = run_loso(prepared, profiles.to_numpy(), genes, reference_types=types, type_shares=shares,
+                      nuclei_mapping=SYNTH_MAPPING, epochs=3, cnn_epochs=1)
     assert set(report["folds"]) == {s.name for s in sections}
-    assert set(report["table"]) == {"ridge", "prior", "full"}
+    assert set(report["table"]) == set(METHODS)
     assert all(np.isfinite(v["mean_pcc"]) for v in report["table"].values())
     assert report["table"]["ridge"]["mean_pcc"] > 0.2  # frozen features carry the synthetic morphology
+    # nuclei counted on the synthetic patches carry the planted composition: the training-free
+    # nuclei prior already predicts expression (a broken count or mapping would give ~0)
+    assert report["table"]["prior_nuclei"]["mean_pcc"] > 0.1
+    assert "| prior_nuclei |" in format_table(report)
     # features are cached: a second prepare reads them back identically
     again = prepare(sections, genes, encoder="efficientnet_lite0", tile_um=112, mpp=1.0, cache_dir=tmp_path)
     np.testing.assert_array_equal(again[0].pooled, prepared[0].pooled)

@@ -14,6 +14,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from core import nuclei as N
+from core import nuclei_classes as NC
 from core.nuclei import CLASSES
 
 MPP, PATCH = 0.5, 224  # 112 µm patches at 0.5 µm/px, as the expression model reads them
@@ -84,7 +85,7 @@ def test_rule_fractions_track_true_composition(world):
     Measured here: neoplastic 0.94, inflammatory 0.71, connective 0.96 (1536 × 1024 world:
     0.93, 0.72, 0.96). Fractions are over the four cell classes, as the truth has no "other".
     """
-    est = np.array([np.bincount(N.rule_classes(p["features"]), minlength=5) for p in world], float)
+    est = np.array([np.bincount(NC.rule_classes(p["features"]), minlength=5) for p in world], float)
     est = est[:, :4] / np.maximum(est[:, :4].sum(axis=1, keepdims=True), 1)
     for k, cls, floor in [(0, "neoplastic", 0.85), (1, "inflammatory", 0.55), (2, "connective", 0.85)]:
         truth = np.array([_true_fraction(p, cls) for p in world])
@@ -98,43 +99,43 @@ def test_fitted_classifier_on_a_held_out_slide(world, tmp_path):
     Measured here: accuracy 0.82 fitted vs 0.66 rules; inflammatory-fraction r 0.88 (0.81–0.87
     and 0.91–0.99 with each of the six slides held out in turn).
     """
-    labels = {id(p): N.label_nuclei(p["labels"], p["features"], p["xy"], p["cls"], mpp=MPP) for p in world}
+    labels = {id(p): NC.label_nuclei(p["labels"], p["features"], p["xy"], p["cls"], mpp=MPP) for p in world}
     train = [p for p in world if p["slide"] != 5]
     test = [p for p in world if p["slide"] == 5]
-    clf = N.NucleusClassifier().fit([p["features"] for p in train], [labels[id(p)] for p in train])
+    clf = NC.NucleusClassifier().fit([p["features"] for p in train], [labels[id(p)] for p in train])
     feats = pd.concat([p["features"] for p in test], ignore_index=True)
     y = np.concatenate([labels[id(p)] for p in test])
-    acc, acc_rules = (clf.predict(feats) == y).mean(), (N.rule_classes(feats) == y).mean()
+    acc, acc_rules = (clf.predict(feats) == y).mean(), (NC.rule_classes(feats) == y).mean()
     assert acc > 0.72 and acc > acc_rules + 0.05, (acc, acc_rules)
     est = np.array([np.bincount(clf.predict(p["features"]), minlength=5)[1] / max(len(p["features"]), 1)
                     for p in test])
     assert np.corrcoef(est, [_true_fraction(p, "inflammatory") for p in test])[0, 1] > 0.75
     clf.save(tmp_path / "clf.json")
-    again = N.NucleusClassifier.load(tmp_path / "clf.json")
+    again = NC.NucleusClassifier.load(tmp_path / "clf.json")
     assert again.kind == "mlp"
     np.testing.assert_array_equal(again.predict_proba(feats), clf.predict_proba(feats))
 
 
 def test_logistic_round_trip_and_bad_files(world, tmp_path):
     feats = [p["features"] for p in world[:6]]
-    labels = [N.rule_classes(f) for f in feats]  # any labels will do for the round trip
-    clf = N.NucleusClassifier().fit(feats, [np.array(CLASSES)[lab] for lab in labels], kind="logistic")
+    labels = [NC.rule_classes(f) for f in feats]  # any labels will do for the round trip
+    clf = NC.NucleusClassifier().fit(feats, [np.array(CLASSES)[lab] for lab in labels], kind="logistic")
     clf.save(tmp_path / "lr.json")
     all_feats = pd.concat(feats, ignore_index=True)
-    np.testing.assert_array_equal(N.NucleusClassifier.load(tmp_path / "lr.json").predict(all_feats),
+    np.testing.assert_array_equal(NC.NucleusClassifier.load(tmp_path / "lr.json").predict(all_feats),
                                   clf.predict(all_feats))
     (tmp_path / "bad.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="not a nucleus classifier"):
-        N.NucleusClassifier.load(tmp_path / "bad.json")
+        NC.NucleusClassifier.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="unknown nucleus classes"):
-        N.NucleusClassifier().fit(feats[:1], [["tumour"] * len(feats[0])])
+        NC.NucleusClassifier().fit(feats[:1], [["tumour"] * len(feats[0])])
 
 
 def test_fractions_sum_to_one_and_pool_agrees(world):
     patches = np.stack([p["rgb"] for p in world[:8]])
-    one = np.array([N.composition(rgb, mpp=MPP) for rgb in patches])
-    many, counts = N.compositions(patches, mpp=MPP, chunk=3, return_counts=True)
-    pooled = N.compositions(list(patches), mpp=MPP, chunk=3, workers=2)
+    one = np.array([NC.composition(rgb, mpp=MPP) for rgb in patches])
+    many, counts = NC.compositions(patches, mpp=MPP, chunk=3, return_counts=True)
+    pooled = NC.compositions(list(patches), mpp=MPP, chunk=3, workers=2)
     np.testing.assert_allclose(many.sum(axis=1), 1.0)
     np.testing.assert_array_equal(many, one)
     np.testing.assert_array_equal(pooled, many)
@@ -145,7 +146,7 @@ def test_glass_and_stroma_patches_get_no_nuclei():
     """Clean glass, and an eosin-only patch (collagen without cells), must not invent nuclei."""
     rng = np.random.default_rng(0)
     glass = np.clip(242 + rng.normal(0, 2.5, (PATCH, PATCH, 3)), 0, 255).astype(np.uint8)
-    fractions, n = N.composition(glass, mpp=MPP, return_count=True)
+    fractions, n = NC.composition(glass, mpp=MPP, return_count=True)
     assert n == 0
     np.testing.assert_allclose(fractions, 1 / len(CLASSES))
     yy, xx = np.mgrid[0:PATCH, 0:PATCH]
@@ -178,13 +179,13 @@ def test_features_in_physical_units(mpp):
     assert discs["diameter_um"].between(7.0, 9.5).all()  # blur may add ≈ 0.5 µm
     assert discs["solidity"].between(0.9, 1.0).all()
     assert spindles["major_um"].between(14.0, 18.5).all() and spindles["minor_um"].between(2.5, 5.5).all()
-    assert (N.rule_classes(spindles) == CLASSES.index("connective")).all()
+    assert (NC.rule_classes(spindles) == CLASSES.index("connective")).all()
 
 
 def test_map_to_reference():
     xenium = ["B", "Myeloid", "Endothelial", "Fibroblast", "Macrophage", "Malignant", "Epithelial", "Plasma", "T"]
     frac = np.array([[0.5, 0.25, 0.2, 0.05, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.4, 0.0, 0.0, 0.0, 0.6]])
-    w = N.map_to_reference(frac, CLASSES, xenium)
+    w = NC.map_to_reference(frac, CLASSES, xenium)
     np.testing.assert_allclose(w.sum(axis=1), 1.0)
     row = dict(zip(xenium, w[0]))
     assert row["Malignant"] == pytest.approx(0.5) and row["T"] == pytest.approx(0.05)
@@ -193,17 +194,17 @@ def test_map_to_reference():
     assert dict(zip(xenium, w[2]))["Malignant"] == pytest.approx(1.0)  # "other" dropped, rest renormalised
     priors = {"T": 3.0, "Macrophage": 1.0, "B": 0.0, "Plasma": 0.0, "Myeloid": 0.0, "Fibroblast": 3.0,
               "Endothelial": 1.0}
-    primed = dict(zip(xenium, N.map_to_reference(frac[0], CLASSES, xenium, priors=priors)))
+    primed = dict(zip(xenium, NC.map_to_reference(frac[0], CLASSES, xenium, priors=priors)))
     assert primed["T"] == pytest.approx(0.25 * 0.75) and primed["B"] == 0.0
     assert primed["Fibroblast"] == pytest.approx(0.2 * 0.75)
-    flagged = N.map_to_reference(frac, CLASSES, xenium, empty=np.array([True, False, False]))
+    flagged = NC.map_to_reference(frac, CLASSES, xenium, empty=np.array([True, False, False]))
     np.testing.assert_allclose(flagged[0], 1 / len(xenium))  # a patch without nuclei, as counted
     np.testing.assert_array_equal(flagged[1:], w[1:])
     with pytest.raises(ValueError, match="priors lack"):
-        N.map_to_reference(frac, CLASSES, xenium, priors={"T": 1.0})
+        NC.map_to_reference(frac, CLASSES, xenium, priors={"T": 1.0})
     from core.synth.reference import CELL_TYPES
 
-    synth = N.map_to_reference(frac, CLASSES, CELL_TYPES, N.SYNTH_MAPPING)
+    synth = NC.map_to_reference(frac, CLASSES, CELL_TYPES, NC.SYNTH_MAPPING)
     np.testing.assert_allclose(synth.sum(axis=1), 1.0)
 
 
@@ -224,4 +225,4 @@ def test_real_patch_is_sane(shared_data):
     assert (labels > 0).mean() < 0.35  # nuclei, not the whole tissue
     h, _ = N.stain_density(tissue)
     assert np.median(h[labels > 0]) > 2 * np.median(h[labels == 0])  # outlines sit on dark stain
-    assert N.composition(glass, mpp=mpp, return_count=True)[1] == 0
+    assert NC.composition(glass, mpp=mpp, return_count=True)[1] == 0

@@ -92,7 +92,12 @@ def test_failed_write_leaves_no_partial_run(tmp_path, model_dir, monkeypatch):
         monkeypatch.undo()
         assert store.con.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
         assert store.con.execute("SELECT count(*) FROM tiles").fetchone()[0] == 0
-        assert predict_slide(slide, model, store, device="cpu", workers=0).status == "computed"
+        # the computed tiles were not lost: they wait in the spool, and the next call ingests
+        # them (no model work) — complete, each tile once
+        again = predict_slide(slide, model, store, device="cpu", workers=0)
+        assert again.status == "cached"
+        n = store.con.execute("SELECT count(*), count(DISTINCT tile_idx) FROM tiles").fetchone()
+        assert n == (again.n_tiles, again.n_tiles)
 
 
 def test_read_only_store_missing_is_actionable(tmp_path):

@@ -1,0 +1,357 @@
+"""The store and the similar-tiles index at cohort scale, on a simulated cohort (no images).
+
+``python -m benchmarks.store_bench [--slides 1000] [--tiles 10000] [--path DIR] [--reuse]``
+
+1. Fill ``DIR/store.duckdb`` through the real :class:`core.store.Store` API (``register_model``
+   + one ``write_run`` per slide) with the real panel (the genes of
+   ``models/weights/breast-her2st/card.json``): tiles on a grid inside a tissue blob, a 9-type
+   composition and an expression made like the model makes it (composition x type profiles on a
+   log1p scale, plus smooth spatial residuals and noise, clipped to 0-5), and a unit 64-d
+   embedding driven by composition, spatial state and a per-slide batch effect.
+2. Time, on a read-only Store, the dashboard's queries: heatmap (one gene, one slide), cohort
+   top-24 for one gene over every run, the per-slide summary for a few genes over every run,
+   and one slide's tile vectors.
+3. Export every embedding through ``Store.tile_vectors``, build :class:`core.vector_index.VectorIndex`
+   (IVF) in ``DIR/vectors.index`` and time top-24 neighbour queries against exact brute force,
+   with recall@24.
+
+``--reuse`` keeps an existing store (resuming a partial fill) and index. Peak memory is about
+3 x N x 64 x 4 bytes (embeddings, exact and IVF copies) plus DuckDB's ``--memory-limit``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CARD = ROOT / "models" / "weights" / "breast-her2st" / "card.json"
+MODEL_ID, MODEL_VERSION = "bench-breast-her2st", "sim1"
+EMB_DIM, N_LATENT, TILE_PX = 64, 6, 224
+TARGETS_MS = {"heatmap": 20, "top-24": 300, "neighbours": 300}
+
+
+# -- the simulated cohort ----------------------------------------------------------------------
+@dataclass
+class SlideData:
+    xy: np.ndarray           # [n, 2] int level-0 px
+    tissue: np.ndarray       # [n]
+    expression: np.ndarray   # [n, G] float32, 0-5
+    embedding: np.ndarray    # [n, 64] float32 unit rows
+    composition: np.ndarray  # [n, T] float32 rows summing to 1
+
+
+class Cohort:
+    """Deterministic synthetic slides: ``slide(i)`` is the same array for the same ``seed``."""
+
+    def __init__(self, genes: list[str], cell_types: list[str], n_tiles: int, seed: int = 0):
+        self.genes, self.cell_types, self.n_tiles, self.seed = genes, cell_types, n_tiles, seed
+        g, t = len(genes), len(cell_types)
+        rng = np.random.default_rng([seed, 0])
+        base = rng.lognormal(-1.0, 1.2, size=g)                       # mean counts per gene
+        boost = np.ones((t, g))
+        for ti in range(t):                                           # ~25 markers per type
+            markers = rng.choice(g, size=25, replace=False)
+            boost[ti, markers] = rng.uniform(4, 25, size=25)
+        self.profiles = base * boost * rng.lognormal(0, 0.3, size=(t, g))   # [T, G] counts
+        self.comp_w = rng.normal(0, 1.2, size=(N_LATENT, t))
+        self.resid_w = rng.normal(0, 0.25, size=(N_LATENT, g))
+        self.type_emb = rng.normal(0, 1, size=(t, EMB_DIM)) / np.sqrt(EMB_DIM) * 2.0
+        self.latent_emb = rng.normal(0, 1, size=(N_LATENT, EMB_DIM)) / np.sqrt(EMB_DIM) * 0.8
+
+    def run_key(self, i: int) -> str:
+        """Random-looking 24-hex keys, like ``core.predict.run_key_for``."""
+        return hashlib.blake2b(f"bench|{self.seed}|{i}".encode(), digest_size=12).hexdigest()
+
+    def slide(self, i: int) -> SlideData:
+        rng = np.random.default_rng([self.seed, 1, i])
+        n = self.n_tiles
+        side = int(np.ceil(np.sqrt(n / 0.55)))
+        gy, gx = np.divmod(np.arange(side * side), side)
+        u = np.stack([gx, gy], axis=1) / side
+        blob = -((u[:, 0] - 0.5) ** 2 / rng.uniform(0.08, 0.2) + (u[:, 1] - 0.5) ** 2 / rng.uniform(0.08, 0.2))
+        blob += 0.35 * _waves(u, rng, n_fields=1, n_waves=5, lo=1, hi=4)[:, 0]
+        keep = np.sort(np.argpartition(-blob, n - 1)[:n])            # exactly n tissue tiles, grid order
+        u, b = u[keep], blob[keep]
+        xy = (np.stack([gx[keep], gy[keep]], axis=1) * TILE_PX).astype(np.int32)
+        tissue = (0.5 + 0.5 * (b - b.min()) / (np.ptp(b) + 1e-9)).astype(np.float32)
+
+        latent = _waves(u, rng, n_fields=N_LATENT, n_waves=6, lo=2, hi=25)     # smooth spatial state
+        logits = latent @ self.comp_w + rng.normal(0, 0.7, size=len(self.cell_types))
+        comp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        comp /= comp.sum(axis=1, keepdims=True)
+
+        depth = rng.lognormal(0, 0.2)
+        mean = (comp * depth).astype(np.float32) @ self.profiles.astype(np.float32)
+        resid = latent.astype(np.float32) @ (self.resid_w + rng.normal(0, 0.05, self.resid_w.shape)).astype(np.float32)
+        expr = np.log1p(mean, out=mean) + resid
+        expr += rng.standard_normal(expr.shape, dtype=np.float32) * np.float32(0.2)
+        expr = np.clip(expr, 0, 5, out=expr)
+
+        emb = comp @ self.type_emb + latent @ self.latent_emb + rng.normal(0, 0.25 / np.sqrt(EMB_DIM) * 4, EMB_DIM)
+        emb += rng.normal(0, 0.35 / np.sqrt(EMB_DIM) * 4, size=emb.shape)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        return SlideData(xy, tissue, expr.astype(np.float32), emb.astype(np.float32), comp.astype(np.float32))
+
+
+def _waves(u: np.ndarray, rng, *, n_fields: int, n_waves: int, lo: float, hi: float) -> np.ndarray:
+    """[n, n_fields] smooth random fields: sums of plane waves with 1/lo..1/hi-slide wavelengths."""
+    freq = rng.uniform(lo, hi, size=(n_fields * n_waves, 1)) * _unit2(rng, n_fields * n_waves)
+    phase = rng.uniform(0, 2 * np.pi, size=n_fields * n_waves)
+    w = np.cos(2 * np.pi * u @ freq.T + phase)
+    return w.reshape(len(u), n_fields, n_waves).sum(axis=2) * np.sqrt(2 / n_waves)
+
+
+def _unit2(rng, n: int) -> np.ndarray:
+    a = rng.uniform(0, 2 * np.pi, size=n)
+    return np.stack([np.cos(a), np.sin(a)], axis=1)
+
+
+# -- measuring -----------------------------------------------------------------------------------
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _dir_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def _timed(fn, args_list: list, budget_s: float) -> tuple[list[float], list]:
+    """Call fn(*args) for each args (after one untimed warm-up); stop early past budget_s."""
+    fn(*args_list[0])
+    ms, outs, t_start = [], [], time.perf_counter()
+    for args in args_list:
+        t = time.perf_counter()
+        outs.append(fn(*args))
+        ms.append((time.perf_counter() - t) * 1000)
+        if time.perf_counter() - t_start > budget_s and len(ms) >= 5:
+            break
+    return ms, outs
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}  (peak RSS {_rss_gb():.1f} GB)", flush=True)
+
+
+# -- the steps ---------------------------------------------------------------------------------------
+def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory_limit: str) -> dict:
+    from core.store import RunRecord, Store
+
+    card = json.loads(CARD.read_text())
+    if store_path.exists() and not reuse:
+        store_path.unlink()
+        Path(str(store_path) + ".wal").unlink(missing_ok=True)
+    with Store(store_path) as store:
+        store.con.execute(f"SET memory_limit = '{memory_limit}'")   # a setting, not a query
+        model_key = store.register_model(MODEL_ID, MODEL_VERSION, cohort.genes, cohort.cell_types, card)
+        todo = [i for i in range(n_slides) if not (reuse and store.find_run(cohort.run_key(i)))]
+        gen_s = write_s = 0.0
+        window: list[float] = []
+        rates = []
+        for done, i in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            s = cohort.slide(i)
+            t1 = time.perf_counter()
+            record = RunRecord(run_key=cohort.run_key(i), slide_fp=f"sim{i:06d}", model_key=model_key,
+                               tiling_key="sim", tiling={"tile_px": TILE_PX}, slide_name=f"SIM-{i:05d}.svs",
+                               slide_path=f"/sim/SIM-{i:05d}.svs", tile_size=TILE_PX,
+                               width=int(s.xy[:, 0].max()) + TILE_PX, height=int(s.xy[:, 1].max()) + TILE_PX,
+                               mpp=0.5, device="sim", seconds=0.0)
+            store.write_run(record, s.xy, s.tissue, s.expression, s.embedding, s.composition)
+            t2 = time.perf_counter()
+            gen_s += t1 - t0
+            write_s += t2 - t1
+            window.append(t2 - t1)
+            if done % 50 == 0 or done == len(todo):
+                rate = len(window) / sum(window)
+                rates.append((i + 1, rate))
+                _log(f"fill: {i + 1}/{n_slides} slides, write_run {rate:.2f} slides/s over the last {len(window)}")
+                window = []
+    return {"model_key": model_key, "filled": len(todo), "gen_s": gen_s, "write_s": write_s, "rates": rates}
+
+
+def query_bench(store_path: Path, cohort: Cohort, n_slides: int, reps: int, budget_s: float, seed: int) -> dict:
+    from core.store import Store
+
+    rng = np.random.default_rng(seed)
+    run_keys = [cohort.run_key(i) for i in range(n_slides)]
+    genes = cohort.genes
+    res = {}
+    with Store(store_path, read_only=True) as store:
+        model_key = store.models()["model_key"].iloc[0]
+
+        args = [(model_key, run_keys[rng.integers(n_slides)], genes[rng.integers(len(genes))]) for _ in range(reps)]
+        ms, outs = _timed(store.heatmap, args, budget_s)
+        assert all(len(o) == cohort.n_tiles for o in outs), "heatmap returned the wrong number of tiles"
+        res["heatmap (1 gene, 1 slide)"] = ms
+
+        args = [(model_key, genes[rng.integers(len(genes))], run_keys, 24) for _ in range(reps)]
+        ms, outs = _timed(store.top_tiles, args, budget_s)
+        assert all(len(o) == 24 and o["value"].is_monotonic_decreasing for o in outs)
+        res[f"top-24 (1 gene, {n_slides} runs)"] = ms
+
+        args = [(model_key, list(rng.choice(genes, 5, replace=False)), run_keys) for _ in range(reps)]
+        ms, outs = _timed(store.slide_summary, args, budget_s)
+        assert all(len(o) == 5 * n_slides for o in outs)
+        res[f"slide_summary (5 genes, {n_slides} runs)"] = ms
+
+        args = [([run_keys[rng.integers(n_slides)]],) for _ in range(reps)]
+        ms, _ = _timed(store.tile_vectors, args, budget_s)
+        res["tile_vectors (1 slide)"] = ms
+    return res
+
+
+def export_embeddings(store_path: Path, cohort: Cohort, n_slides: int, chunk: int = 50) -> tuple[np.ndarray, np.ndarray, float]:
+    """Every embedding via Store.tile_vectors, chunk runs at a time; ids = slide ordinal << 32 | tile_idx."""
+    from core.store import Store
+
+    n = n_slides * cohort.n_tiles
+    emb = np.empty((n, EMB_DIM), np.float32)
+    ids = np.empty(n, np.int64)
+    pos = 0
+    t0 = time.perf_counter()
+    with Store(store_path, read_only=True) as store:
+        for start in range(0, n_slides, chunk):
+            keys = [cohort.run_key(i) for i in range(start, min(start + chunk, n_slides))]
+            ordinal = {k: i for i, k in enumerate(keys, start)}
+            index, e, _ = store.tile_vectors(keys)
+            m = len(index)
+            emb[pos:pos + m] = e
+            ids[pos:pos + m] = (index["run_key"].map(ordinal).to_numpy(np.int64) << 32) | index["tile_idx"].to_numpy(np.int64)
+            pos += m
+            if (start // chunk) % 4 == 3:
+                _log(f"export: {min(start + chunk, n_slides)}/{n_slides} slides")
+    assert pos == n, f"exported {pos} embeddings, expected {n}"
+    return emb, ids, time.perf_counter() - t0
+
+
+def index_bench(emb: np.ndarray, ids: np.ndarray, index_path: Path, *, reuse: bool, reps: int,
+                budget_s: float, seed: int, codec: str, exact_max: int) -> dict:
+    from core.vector_index import VectorIndex, recall_at_k
+
+    out: dict = {}
+    exact = VectorIndex(EMB_DIM, kind="exact")
+    exact.add(emb, ids)
+    ivf = None
+    if reuse and (index_path / "meta.json").exists():
+        t = time.perf_counter()
+        ivf = VectorIndex.load(index_path)
+        out["load_s"] = time.perf_counter() - t
+        out["build_s"] = None
+        want = "ivf" if len(emb) > exact_max else "exact"
+        if len(ivf) != len(emb) or ivf.kind != want or (want == "ivf" and ivf.codec != codec):
+            _log(f"index at {index_path} does not match ({ivf.kind}/{ivf.codec}, {len(ivf):,}): rebuilding")
+            ivf = None
+    if ivf is None:
+        shutil.rmtree(index_path, ignore_errors=True)
+        ivf = VectorIndex.build(emb, ids, kind="auto", exact_max=exact_max, codec=codec, seed=seed)
+        out["build_s"] = ivf.build_seconds
+        ivf.save(index_path)
+    _log(f"index: kind={ivf.kind} nlist={ivf.nlist} nprobe={ivf.nprobe} (tuned recall {ivf.recall})")
+    out.update(kind=ivf.kind, nlist=ivf.nlist, nprobe=ivf.nprobe, codec=ivf.codec,
+               index_bytes=_dir_bytes(index_path))
+
+    rng = np.random.default_rng(seed + 1)
+    rows = rng.choice(len(emb), size=max(reps, 200), replace=False)
+    queries = [(emb[r:r + 1], 24) for r in rows[:reps]]
+    out["ivf_ms"], _ = _timed(ivf.search, queries, budget_s)
+    out["exact_ms"], _ = _timed(exact.search, queries, budget_s)
+
+    # recall@24 on 200 other tiles, the query tile itself left out of both lists
+    q = emb[rows]
+    found = ivf.search(q, 25)[1]
+    truth = exact.search(q, 25)[1]
+    drop = lambda m: np.stack([r[r != ids[row]][:24] for r, row in zip(m, rows)])  # noqa: E731
+    out["recall"] = recall_at_k(drop(found), drop(truth))
+    sims = exact.search(q[:20], 25)[0]
+    out["sim_top24_mean"] = float(sims[:, 1:].mean())
+    out["sim_random_mean"] = float(np.mean(q[:20] @ emb[rng.choice(len(emb), 2000)].T))
+    return out
+
+
+# -- the report ----------------------------------------------------------------------------------------
+def _pct(ms: list[float], p: float) -> float:
+    return float(np.percentile(ms, p))
+
+
+def report(args, n_genes: int, fill_res: dict | None, queries: dict, export_s: float, idx: dict, store_bytes: int) -> str:
+    n_tiles_total = args.slides * args.tiles
+    lines = [f"store_bench: {args.slides} slides x {args.tiles} tiles = {n_tiles_total:,} tiles, "
+             f"{n_genes} genes, {EMB_DIM}-d embeddings; store {args.path / 'store.duckdb'}"]
+    if fill_res and fill_res["filled"]:
+        f = fill_res
+        first, last = f["rates"][0][1], f["rates"][-1][1]
+        lines.append(f"fill: {f['filled']} slides in {f['gen_s'] + f['write_s']:.0f} s "
+                     f"(write_run {f['write_s']:.0f} s = {f['filled'] / f['write_s']:.2f} slides/s; "
+                     f"synthesis {f['gen_s']:.0f} s); write_run rate first window {first:.2f}/s, last {last:.2f}/s")
+    else:
+        lines.append("fill: reused the existing store")
+    lines.append(f"store size on disk: {store_bytes / 2**30:.2f} GiB ({store_bytes / n_tiles_total:.0f} B/tile)")
+    lines.append(f"embedding export via Store.tile_vectors: {export_s:.0f} s")
+    lines.append(f"index: {idx['kind']} {idx['codec']} nlist={idx['nlist']} nprobe={idx['nprobe']}; "
+                 + (f"build {idx['build_s']:.0f} s" if idx.get("build_s") is not None else f"loaded in {idx['load_s']:.1f} s")
+                 + f"; size {idx['index_bytes'] / 2**20:.0f} MiB; recall@24 vs exact {idx['recall']:.3f} "
+                 f"(cos: top-24 {idx['sim_top24_mean']:.2f}, random pair {idx['sim_random_mean']:.2f})")
+    lines.append("")
+    lines.append(f"{'query':44s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s} {'target':>8s}")
+    rows = list(queries.items()) + [(f"neighbours top-24, IVF ({n_tiles_total:,})", idx["ivf_ms"]),
+                                    (f"neighbours top-24, exact numpy ({n_tiles_total:,})", idx["exact_ms"])]
+    for name, ms in rows:
+        target = next((v for k, v in TARGETS_MS.items() if name.startswith(k)), None)
+        if name.startswith("neighbours") and "exact" in name:
+            target = TARGETS_MS["neighbours"]
+        p50 = _pct(ms, 50)
+        mark = "" if target is None else (f"{target:>5d} {'ok' if p50 <= target else 'MISS'}")
+        lines.append(f"{name:44s} {len(ms):4d} {p50:9.1f} {_pct(ms, 95):9.1f} {mark:>8s}")
+    lines.append(f"\npeak RSS of this process {_rss_gb():.1f} GB")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--slides", type=int, default=1000)
+    ap.add_argument("--tiles", type=int, default=10_000, help="tiles per slide")
+    ap.add_argument("--path", type=Path, default=Path("/tmp/tessera-bench"), help="directory for store + index")
+    ap.add_argument("--reuse", action="store_true", help="keep (and complete) an existing store and index")
+    ap.add_argument("--reps", type=int, default=50, help="timed repetitions per query")
+    ap.add_argument("--budget", type=float, default=120.0, help="seconds at most per query kind")
+    ap.add_argument("--memory-limit", default="4GB", help="DuckDB memory_limit while filling")
+    ap.add_argument("--codec", default="flat", choices=["flat", "sq8"], help="IVF codec")
+    ap.add_argument("--exact-max", type=int, default=None, help="vectors up to which the index is exact")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    from core.vector_index import EXACT_MAX
+
+    card = json.loads(CARD.read_text())
+    cohort = Cohort(list(card["genes"]), list(card["cell_types"]), args.tiles, seed=args.seed)
+    args.path.mkdir(parents=True, exist_ok=True)
+    store_path = args.path / "store.duckdb"
+
+    _log(f"fill {store_path}")
+    fill_res = fill(store_path, cohort, args.slides, reuse=args.reuse, memory_limit=args.memory_limit)
+    store_bytes = _dir_bytes(store_path) + _dir_bytes(Path(str(store_path) + ".wal"))
+    _log(f"store {store_bytes / 2**30:.2f} GiB; queries")
+    queries = query_bench(store_path, cohort, args.slides, args.reps, args.budget, args.seed)
+    _log("export embeddings")
+    emb, ids, export_s = export_embeddings(store_path, cohort, args.slides)
+    _log(f"exported {len(emb):,} embeddings in {export_s:.0f} s; index")
+    idx = index_bench(emb, ids, args.path / "vectors.index", reuse=args.reuse, reps=args.reps,
+                      budget_s=args.budget, seed=args.seed, codec=args.codec,
+                      exact_max=EXACT_MAX if args.exact_max is None else args.exact_max)
+    print()
+    print(report(args, len(cohort.genes), fill_res, queries, export_s, idx, store_bytes), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The engine under stress: kill -9 mid-slide then resume, a CLI job while the app holds the store,
+the ONNX runtime against PyTorch, the spool's atomicity. Real slides, real DuckDB, real processes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.modelhub import load_model
+from core.predict import StoreAccess, predict_slides
+from core.spool import Spool, spool_dir
+from core.store import Store
+from models.scist import HeadConfig, ModelCard, ReferenceInformedHead, save_checkpoint
+from tests.conftest import make_slide
+
+REPO = Path(__file__).resolve().parents[2]
+GENES = ["ERBB2", "ESR1", "CD8A", "MKI67"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    torch.manual_seed(0)
+    head = ReferenceInformedHead(HeadConfig(1280, len(GENES), 2), torch.rand(2, len(GENES)))
+    save_checkpoint(root / "models" / "tiny", head,
+                    ModelCard("tiny", GENES, ["a", "b"], "efficientnet_lite0", 112.0, 1.0, 112))
+    slides = [make_slide(root / f"s{i}.tiff", width=4800, height=3600, seed=i) for i in range(2)]
+    return root, slides
+
+
+def _env(root: Path, **extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TESSERA_MODEL_DIRS": str(root / "models"),
+            "TESSERA_CACHE_DIR": str(root / "cache"), "TESSERA_CHUNK_TILES": "8", **extra}
+
+
+RUNNER = """
+import logging
+import sys
+logging.basicConfig(level=logging.INFO)
+from pathlib import Path
+from core.modelhub import load_model
+from core.config import load_settings
+from core.predict import predict_slides
+store, runtime, wait, *slides = sys.argv[1:]
+model = load_model("tiny", load_settings().model_dirs)
+results = predict_slides(store, [(s, None) for s in slides], model, device="cpu", workers=0, batch_size=4,
+                         runtime=runtime, ingest_wait_s=float(wait))
+print(" ".join(r.status for r in results))
+"""
+
+
+def _run(root, store, slides, runtime="torch", wait="30", **kw):
+    return subprocess.Popen([sys.executable, "-c", RUNNER, str(store), runtime, wait, *map(str, slides)],
+                            env=_env(root), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _tiles_per_run(store_path):
+    with Store(store_path, read_only=True) as store:
+        return store.con.execute("""
+            SELECT r.run_key, r.n_tiles, count(t.tile_idx) AS rows, count(DISTINCT t.tile_idx) AS distinct_rows
+            FROM runs r LEFT JOIN tiles t USING (run_key) GROUP BY ALL""").df()
+
+
+def test_kill_9_mid_slide_then_resume(world, tmp_path):
+    root, slides = world
+    store = tmp_path / "store.duckdb"
+    spool = Spool(spool_dir(store))
+    proc = _run(root, store, slides)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(spool.root.glob("*/chunk*.parquet")):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the job ended before it could be killed: {proc.communicate()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = spool.pending_runs()
+    assert partial, "a killed job leaves its finished chunks in the spool"
+    # nothing partial is visible: every run in the store (if any) is complete
+    if store.exists():
+        runs = _tiles_per_run(store)
+        assert set(runs["run_key"]).isdisjoint(partial)
+        assert (runs["rows"] == runs["n_tiles"]).all()
+    kept = {r: sorted((spool.root / r).glob("chunk8-*.parquet")) for r in partial}
+    assert sum(map(len, kept.values())) > 0
+
+    rerun = _run(root, store, slides)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert "resuming" in err and set(out.split()) <= {"computed", "cached"}
+    assert not spool.complete_runs() and not spool.pending_runs()
+    runs = _tiles_per_run(store)
+    assert len(runs) == 2
+    assert (runs["rows"] == runs["n_tiles"]).all() and (runs["distinct_rows"] == runs["n_tiles"]).all()
+
+    # the resumed run holds the same numbers as an uninterrupted one
+    clean = tmp_path / "clean.duckdb"
+    done = _run(root, clean, slides)
+    assert done.wait(timeout=300) == 0
+    model = load_model("tiny", [root / "models"])
+    with Store(store, read_only=True) as a, Store(clean, read_only=True) as b:
+        for run_key in runs["run_key"]:
+            x = a.heatmap(model.key, run_key, "CD8A")["value"].to_numpy()
+            y = b.heatmap(model.key, run_key, "CD8A")["value"].to_numpy()
+            np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_cli_job_while_the_app_reads(world, tmp_path):
+    """The app holds a read connection for the whole job: the job neither fails nor loses results;
+    its finished runs wait in the spool and the app-side ingest brings them in."""
+    root, slides = world
+    store = tmp_path / "store.duckdb"
+    Store(store).close()
+    reader = Store(store, read_only=True)  # what a page does while it renders
+    try:
+        proc = _run(root, store, slides[:1], wait="1")
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert out.split() == ["computed"]
+        assert reader.con.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+        assert len(Spool(spool_dir(store)).complete_runs()) == 1
+    finally:
+        reader.close()
+    assert StoreAccess(store).ingest() == 1  # what the app does on its next page load
+    runs = _tiles_per_run(store)
+    assert len(runs) == 1 and (runs["rows"] == runs["n_tiles"]).all()
+
+
+def test_onnx_runtime_matches_torch(world, tmp_path, monkeypatch):
+    root, slides = world
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "cache"))
+    model = load_model("tiny", [root / "models"])
+    results = {}
+    for runtime in ("onnx", "torch"):
+        store = tmp_path / f"{runtime}.duckdb"
+        [r] = predict_slides(store, [(slides[0], None)], model, device="cpu", workers=0, runtime=runtime)
+        with Store(store, read_only=True) as s:
+            results[runtime] = s.heatmap(model.key, r.run_key, "ERBB2")["value"].to_numpy()
+            assert s.find_run(r.run_key)["device"] == f"cpu/{runtime}"
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    np.testing.assert_allclose(results["onnx"], results["torch"], atol=1e-3)
+
+
+def test_spool_ignores_half_written_chunks(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    out = {"expression": np.ones((3, 2)), "embedding": np.ones((3, 4)), "composition": np.ones((3, 2)) / 2}
+    spool.write_chunk("r1", 0, np.arange(3), np.zeros((3, 2)), np.ones(3), out)
+    (tmp_path / "spool" / "r1" / ".chunk8-00001.parquet.123.tmp").write_bytes(b"partial")
+    assert spool.done_chunks("r1") == {0}
+    assert not list((tmp_path / "spool" / "r1").glob("*.tmp"))
+    with pytest.raises(RuntimeError, match="missing"):
+        spool.finish("r1", {"run_key": "r1"}, n_chunks=2)
+    assert spool.complete_runs() == [] and spool.pending_runs() == ["r1"]
