@@ -37,6 +37,7 @@ test: setup browser
 bench: setup
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.tiler
+	$(PY) -m benchmarks.store_bench --reuse
 
 clean-demo:
 	rm -rf data/demo
