@@ -205,13 +205,20 @@ def query_bench(store_path: Path, cohort: Cohort, n_slides: int, reps: int, budg
         assert all(len(o) == 5 * n_slides for o in outs)
         res[f"slide_summary (5 genes, {n_slides} runs)"] = ms
 
+        if hasattr(store, "fraction_above"):   # cohort threshold + per-slide fraction (newer stores)
+            args = [(model_key, genes[rng.integers(len(genes))], run_keys) for _ in range(reps)]
+            ms, outs = _timed(store.fraction_above, args, budget_s)
+            assert all(len(o) == n_slides for o in outs)
+            res[f"fraction_above (1 gene, {n_slides} runs)"] = ms
+
         args = [([run_keys[rng.integers(n_slides)]],) for _ in range(reps)]
         ms, _ = _timed(store.tile_vectors, args, budget_s)
         res["tile_vectors (1 slide)"] = ms
     return res
 
 
-def export_embeddings(store_path: Path, cohort: Cohort, n_slides: int, chunk: int = 50) -> tuple[np.ndarray, np.ndarray, float]:
+def export_embeddings(store_path: Path, cohort: Cohort, n_slides: int,
+                      chunk: int = 50) -> tuple[np.ndarray, np.ndarray, float]:
     """Every embedding via Store.tile_vectors, chunk runs at a time; ids = slide ordinal << 32 | tile_idx."""
     from core.store import Store
 
@@ -227,7 +234,8 @@ def export_embeddings(store_path: Path, cohort: Cohort, n_slides: int, chunk: in
             index, e, _ = store.tile_vectors(keys)
             m = len(index)
             emb[pos:pos + m] = e
-            ids[pos:pos + m] = (index["run_key"].map(ordinal).to_numpy(np.int64) << 32) | index["tile_idx"].to_numpy(np.int64)
+            slide = index["run_key"].map(ordinal).to_numpy(np.int64)
+            ids[pos:pos + m] = (slide << 32) | index["tile_idx"].to_numpy(np.int64)
             pos += m
             if (start // chunk) % 4 == 3:
                 _log(f"export: {min(start + chunk, n_slides)}/{n_slides} slides")
@@ -258,7 +266,7 @@ def index_bench(emb: np.ndarray, ids: np.ndarray, index_path: Path, *, reuse: bo
         out["build_s"] = ivf.build_seconds
         ivf.save(index_path)
     _log(f"index: kind={ivf.kind} nlist={ivf.nlist} nprobe={ivf.nprobe} (tuned recall {ivf.recall})")
-    out.update(kind=ivf.kind, nlist=ivf.nlist, nprobe=ivf.nprobe, codec=ivf.codec,
+    out.update(kind=ivf.kind, nlist=ivf.nlist, nprobe=ivf.nprobe, codec=ivf.codec, quantizer=ivf.quantizer,
                index_bytes=_dir_bytes(index_path))
 
     rng = np.random.default_rng(seed + 1)
@@ -284,7 +292,8 @@ def _pct(ms: list[float], p: float) -> float:
     return float(np.percentile(ms, p))
 
 
-def report(args, n_genes: int, fill_res: dict | None, queries: dict, export_s: float, idx: dict, store_bytes: int) -> str:
+def report(args, n_genes: int, fill_res: dict | None, queries: dict, export_s: float | None, idx: dict | None,
+           store_bytes: int) -> str:
     n_tiles_total = args.slides * args.tiles
     lines = [f"store_bench: {args.slides} slides x {args.tiles} tiles = {n_tiles_total:,} tiles, "
              f"{n_genes} genes, {EMB_DIM}-d embeddings; store {args.path / 'store.duckdb'}"]
@@ -297,15 +306,20 @@ def report(args, n_genes: int, fill_res: dict | None, queries: dict, export_s: f
     else:
         lines.append("fill: reused the existing store")
     lines.append(f"store size on disk: {store_bytes / 2**30:.2f} GiB ({store_bytes / n_tiles_total:.0f} B/tile)")
-    lines.append(f"embedding export via Store.tile_vectors: {export_s:.0f} s")
-    lines.append(f"index: {idx['kind']} {idx['codec']} nlist={idx['nlist']} nprobe={idx['nprobe']}; "
-                 + (f"build {idx['build_s']:.0f} s" if idx.get("build_s") is not None else f"loaded in {idx['load_s']:.1f} s")
-                 + f"; size {idx['index_bytes'] / 2**20:.0f} MiB; recall@24 vs exact {idx['recall']:.3f} "
-                 f"(cos: top-24 {idx['sim_top24_mean']:.2f}, random pair {idx['sim_random_mean']:.2f})")
+    if idx:
+        lines.append(f"embedding export via Store.tile_vectors: {export_s:.0f} s")
+        lines.append(f"index: {idx['kind']} codec={idx['codec']} quantizer={idx['quantizer']} nlist={idx['nlist']} "
+                     f"nprobe={idx['nprobe']}; "
+                     + (f"build {idx['build_s']:.0f} s" if idx.get("build_s") is not None
+                        else f"loaded in {idx['load_s']:.1f} s")
+                     + f"; size {idx['index_bytes'] / 2**20:.0f} MiB; recall@24 vs exact {idx['recall']:.3f} "
+                     f"(cos: top-24 {idx['sim_top24_mean']:.2f}, random pair {idx['sim_random_mean']:.2f})")
     lines.append("")
     lines.append(f"{'query':44s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s} {'target':>8s}")
-    rows = list(queries.items()) + [(f"neighbours top-24, IVF ({n_tiles_total:,})", idx["ivf_ms"]),
-                                    (f"neighbours top-24, exact numpy ({n_tiles_total:,})", idx["exact_ms"])]
+    rows = list(queries.items())
+    if idx:
+        rows += [(f"neighbours top-24, IVF ({n_tiles_total:,})", idx["ivf_ms"]),
+                 (f"neighbours top-24, exact numpy ({n_tiles_total:,})", idx["exact_ms"])]
     for name, ms in rows:
         target = next((v for k, v in TARGETS_MS.items() if name.startswith(k)), None)
         if name.startswith("neighbours") and "exact" in name:
@@ -327,6 +341,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=float, default=120.0, help="seconds at most per query kind")
     ap.add_argument("--memory-limit", default="4GB", help="DuckDB memory_limit while filling")
     ap.add_argument("--codec", default="flat", choices=["flat", "sq8"], help="IVF codec")
+    ap.add_argument("--skip-index", action="store_true", help="measure the store only")
     ap.add_argument("--exact-max", type=int, default=None, help="vectors up to which the index is exact")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -343,12 +358,14 @@ def main(argv=None) -> None:
     store_bytes = _dir_bytes(store_path) + _dir_bytes(Path(str(store_path) + ".wal"))
     _log(f"store {store_bytes / 2**30:.2f} GiB; queries")
     queries = query_bench(store_path, cohort, args.slides, args.reps, args.budget, args.seed)
-    _log("export embeddings")
-    emb, ids, export_s = export_embeddings(store_path, cohort, args.slides)
-    _log(f"exported {len(emb):,} embeddings in {export_s:.0f} s; index")
-    idx = index_bench(emb, ids, args.path / "vectors.index", reuse=args.reuse, reps=args.reps,
-                      budget_s=args.budget, seed=args.seed, codec=args.codec,
-                      exact_max=EXACT_MAX if args.exact_max is None else args.exact_max)
+    export_s, idx = None, None
+    if not args.skip_index:
+        _log("export embeddings")
+        emb, ids, export_s = export_embeddings(store_path, cohort, args.slides)
+        _log(f"exported {len(emb):,} embeddings in {export_s:.0f} s; index")
+        idx = index_bench(emb, ids, args.path / "vectors.index", reuse=args.reuse, reps=args.reps,
+                          budget_s=args.budget, seed=args.seed, codec=args.codec,
+                          exact_max=EXACT_MAX if args.exact_max is None else args.exact_max)
     print()
     print(report(args, len(cohort.genes), fill_res, queries, export_s, idx, store_bytes), flush=True)
 

@@ -140,7 +140,8 @@ class VectorIndex:
         """Smallest power-of-two ``nprobe`` with mean recall@k >= ``target`` on ``queries``.
 
         ``truth`` [Q, k] are the exact neighbour ids; without it they are computed by scanning
-        every cell (exact for ``Flat``, near-exact for ``SQ8``). Returns (nprobe, recall).
+        every cell (exact for a flat codec and quantizer; near-exact with SQ8 or HNSW, whose cell
+        lookup is approximate). Returns (nprobe, recall).
         """
         if self.kind == "exact":
             self.recall = 1.0
@@ -186,8 +187,8 @@ class VectorIndex:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_VERSION, "kind": self.kind, "dim": self.dim, "codec": self.codec,
-                "quantizer": self.quantizer, "nlist": self.nlist, "nprobe": self.nprobe, "recall": self.recall, "size": len(self),
-                "exact_max": self.exact_max}
+                "quantizer": self.quantizer, "nlist": self.nlist, "nprobe": self.nprobe, "recall": self.recall,
+                "size": len(self), "exact_max": self.exact_max}
         if self.kind == "exact":
             np.save(path / "vectors.npy", self._vectors)
             np.save(path / "ids.npy", self._ids)

@@ -68,16 +68,27 @@ def test_exact_search_in_blocks_equals_single_block(data, monkeypatch):
     np.testing.assert_allclose(whole[0], blocked[0], rtol=1e-5, atol=1e-6)   # BLAS sums differ by block
 
 
-def test_ivf_recall_against_exact(data, held_out):
+@pytest.mark.parametrize("quantizer", ["flat", "hnsw"])
+def test_ivf_recall_against_exact(data, held_out, quantizer):
     pytest.importorskip("faiss")
     x, ids = data
-    ivf = VectorIndex.build(x, ids, kind="ivf", target_recall=0.95, seed=0)
+    ivf = VectorIndex.build(x, ids, kind="ivf", quantizer=quantizer, target_recall=0.95, seed=0)
     assert ivf.kind == "ivf" and ivf.nlist == default_nlist(len(x)) and len(ivf) == len(x)
+    assert ivf.quantizer == quantizer
     assert 1 <= ivf.nprobe <= ivf.nlist and ivf.recall >= 0.95
     q = held_out                                     # fresh queries, not used for tuning
     _, truth = VectorIndex.build(x, ids, kind="exact").search(q, 24)
     _, found = ivf.search(q, 24)
     assert recall_at_k(found, truth) >= 0.9
+
+
+def test_tune_without_ground_truth_scans_every_cell_for_it(data):
+    pytest.importorskip("faiss")
+    x, ids = data
+    ivf = VectorIndex.build(x, ids, kind="ivf", target_recall=0.5)
+    low = ivf.nprobe
+    nprobe, recall = ivf.tune(x[:100], k=24, target=0.99)
+    assert nprobe == ivf.nprobe >= low and recall >= 0.99
 
 
 def test_auto_switches_to_ivf_above_threshold(data):
