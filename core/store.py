@@ -341,12 +341,16 @@ class Store:
     def top_tiles(self, model_key: str, gene: str, run_keys: list[str], k: int = 24) -> pd.DataFrame:
         """The ``k`` tiles with the highest predicted value of ``gene`` across the given runs."""
         table = self._pred_table(model_key, gene)
+        # top k first (one column scan), then join only those k rows: joining all tiles first
+        # costs seconds at 10 M tiles (benchmarks/store_bench.py)
         return self.con.execute(f"""
-            SELECT p.run_key, p.tile_idx, p.{_ident(gene)} AS value, t.x, t.y, r.tile_size,
-                   r.slide_name, r.slide_path
-            FROM {table} p JOIN tiles t USING (run_key, tile_idx) JOIN runs r USING (run_key)
-            WHERE p.run_key IN (SELECT unnest(?::VARCHAR[]))
-            ORDER BY value DESC LIMIT ?""", [run_keys, k]).df()
+            WITH top AS (
+                SELECT run_key, tile_idx, {_ident(gene)} AS value FROM {table}
+                WHERE run_key IN (SELECT unnest(?::VARCHAR[]))
+                ORDER BY value DESC LIMIT ?)
+            SELECT top.run_key, top.tile_idx, top.value, t.x, t.y, r.tile_size, r.slide_name, r.slide_path
+            FROM top JOIN tiles t USING (run_key, tile_idx) JOIN runs r USING (run_key)
+            ORDER BY top.value DESC""", [run_keys, k]).df()
 
     def tile_profile(self, model_key: str, run_key: str, tile_idx: int) -> pd.Series:
         info = self.model_info(model_key)
