@@ -6,8 +6,32 @@ import logging
 import torch
 from torch import nn
 
-
 log = logging.getLogger(__name__)
+
+
+def _one_cycle(model: nn.Module, opt, max_lr, n: int, *, epochs: int, batch_size: int, seed: int,
+               batch_loss, name: str) -> list[float]:
+    """Shuffled mini-batches under a one-cycle schedule for a fixed number of epochs; returns the
+    per-epoch mean loss. ``batch_loss(idx, gen)`` gives the loss of the samples ``idx``."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = epochs * (-(-n // batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=max(steps, 1))
+    history = []
+    model.train()
+    for epoch in range(epochs):
+        order, total = torch.randperm(n, generator=gen), 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            loss = batch_loss(idx, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        history.append(total / n)
+        log.info("%s epoch %d loss %.4f", name, epoch, history[-1])
+    model.eval()
+    return history
 
 
 def fit_fusion(head, tokens: torch.Tensor, targets: torch.Tensor, *, composition: torch.Tensor | None = None,
@@ -22,32 +46,20 @@ def fit_fusion(head, tokens: torch.Tensor, targets: torch.Tensor, *, composition
     schedule over a fixed number of epochs: nothing is chosen on held-out data.
     """
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
-    steps = epochs * (-(-len(tokens) // batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     mse = nn.functional.mse_loss
-    history = []
-    head.train()
-    for epoch in range(epochs):
-        order, total = torch.randperm(len(tokens), generator=gen), 0.0
-        for start in range(0, len(tokens), batch_size):
-            idx = order[start:start + batch_size]
-            out = head(tokens[idx].float(), None if composition is None else composition[idx])
-            loss = mse(out["expression"], targets[idx]) + prior_weight * mse(out["prior"], targets[idx])
-            if true_composition is not None:
-                comp = out["composition"].clamp_min(1e-6)
-                loss = loss + composition_weight * nn.functional.kl_div(
-                    comp.log(), true_composition[idx], reduction="batchmean")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        history.append(total / len(tokens))
-        log.info("fusion epoch %d loss %.4f", epoch, history[-1])
-    head.eval()
-    return history
+
+    def batch_loss(idx, _gen):
+        out = head(tokens[idx].float(), None if composition is None else composition[idx])
+        loss = mse(out["expression"], targets[idx]) + prior_weight * mse(out["prior"], targets[idx])
+        if true_composition is not None:
+            comp = out["composition"].clamp_min(1e-6)
+            loss = loss + composition_weight * nn.functional.kl_div(
+                comp.log(), true_composition[idx], reduction="batchmean")
+        return loss
+
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
+    return _one_cycle(head, opt, lr, len(tokens), epochs=epochs, batch_size=batch_size, seed=seed,
+                      batch_loss=batch_loss, name="fusion")
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -63,32 +75,19 @@ def fit_regressor(model: nn.Module, patches: torch.Tensor, targets: torch.Tensor
     """Train an end-to-end CNN regressor (ST-Net-like) on uint8 patches [N, H, W, 3].
 
     Every layer is trained (the backbone at ``lr``, the new output layer at ``head_lr``), with a
-    random flip/rotation per batch when ``augment``; cosine schedule, fixed epochs.
+    random flip/rotation per batch when ``augment``; one-cycle schedule, fixed epochs.
     """
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     head_params = list(model.out.parameters())
     ids = {id(p) for p in head_params}
     opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": lr},
                              {"params": head_params, "lr": head_lr}], weight_decay=1e-4)
-    steps = epochs * (-(-len(patches) // batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, head_lr], total_steps=max(steps, 1))
-    history = []
-    model.train()
-    for epoch in range(epochs):
-        order, total = torch.randperm(len(patches), generator=gen), 0.0
-        for start in range(0, len(patches), batch_size):
-            idx = order[start:start + batch_size]
-            x = patches[idx]
-            if augment:
-                x = dihedral(x, int(torch.randint(8, (1,), generator=gen)))
-            loss = nn.functional.mse_loss(model(x), targets[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        history.append(total / len(patches))
-        log.info("regressor epoch %d loss %.4f", epoch, history[-1])
-    model.eval()
-    return history
+
+    def batch_loss(idx, gen):
+        x = patches[idx]
+        if augment:
+            x = dihedral(x, int(torch.randint(8, (1,), generator=gen)))
+        return nn.functional.mse_loss(model(x), targets[idx])
+
+    return _one_cycle(model, opt, [lr, head_lr], len(patches), epochs=epochs, batch_size=batch_size, seed=seed,
+                      batch_loss=batch_loss, name="regressor")
