@@ -11,8 +11,9 @@
 2. Time, on a read-only Store, the dashboard's queries: heatmap (one gene, one slide), cohort
    top-24 for one gene over every run, the per-slide summary for a few genes over every run,
    and one slide's tile vectors.
-3. Export every embedding through ``Store.tile_vectors``, build :class:`core.vector_index.VectorIndex`
-   (IVF) in ``DIR/vectors.index`` and time top-24 neighbour queries against exact brute force,
+3. Build the model's similar-tiles index as the product does (:func:`core.tile_index.refresh`,
+   beside the store in ``DIR/store.duckdb.index/``), time the Cross-modal page's query
+   (:func:`core.crossmodal.similar_tiles`, top-24) against exact brute force over every embedding,
    with recall@24.
 
 ``--reuse`` keeps an existing store (resuming a partial fill) and index. Peak memory is about
@@ -25,7 +26,6 @@ import hashlib
 import json
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +151,10 @@ def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory
     if store_path.exists() and not reuse:
         store_path.unlink()
         Path(str(store_path) + ".wal").unlink(missing_ok=True)
-    with Store(store_path) as store:
-        store.con.execute(f"SET memory_limit = '{memory_limit}'")   # a setting, not a query
+    t_open = time.perf_counter()
+    with Store(store_path, memory_limit=memory_limit) as store:
+        open_s = time.perf_counter() - t_open
+        _log(f"store open for writing in {open_s:.1f} s (a v3 store is upgraded to v4 here)")
         model_key = store.register_model(MODEL_ID, MODEL_VERSION, cohort.genes, cohort.cell_types, card)
         todo = [i for i in range(n_slides) if not (reuse and store.find_run(cohort.run_key(i)))]
         gen_s = write_s = 0.0
@@ -177,7 +179,8 @@ def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory
                 rates.append((i + 1, rate))
                 _log(f"fill: {i + 1}/{n_slides} slides, write_run {rate:.2f} slides/s over the last {len(window)}")
                 window = []
-    return {"model_key": model_key, "filled": len(todo), "gen_s": gen_s, "write_s": write_s, "rates": rates}
+    return {"model_key": model_key, "filled": len(todo), "gen_s": gen_s, "write_s": write_s, "rates": rates,
+            "open_s": open_s}
 
 
 def query_bench(store_path: Path, cohort: Cohort, n_slides: int, reps: int, budget_s: float, seed: int) -> dict:
@@ -217,73 +220,64 @@ def query_bench(store_path: Path, cohort: Cohort, n_slides: int, reps: int, budg
     return res
 
 
-def export_embeddings(store_path: Path, cohort: Cohort, n_slides: int,
-                      chunk: int = 50) -> tuple[np.ndarray, np.ndarray, float]:
-    """Every embedding via Store.tile_vectors, chunk runs at a time; ids = slide ordinal << 32 | tile_idx."""
+def index_bench(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, reps: int, budget_s: float,
+                seed: int, codec: str, exact_max: int) -> dict:
+    """Build (or bring up to date) the model's similar-tiles index the way the product does
+    (:func:`core.tile_index.refresh`), time the page's query end to end
+    (:func:`core.crossmodal.similar_tiles`: run ids, query vector, index search, cohort filter,
+    tile lookup) against exact numpy search over every embedding, and measure recall@24."""
+    from core.crossmodal import similar_tiles
     from core.store import Store
-
-    n = n_slides * cohort.n_tiles
-    emb = np.empty((n, EMB_DIM), np.float32)
-    ids = np.empty(n, np.int64)
-    pos = 0
-    t0 = time.perf_counter()
-    with Store(store_path, read_only=True) as store:
-        for start in range(0, n_slides, chunk):
-            keys = [cohort.run_key(i) for i in range(start, min(start + chunk, n_slides))]
-            ordinal = {k: i for i, k in enumerate(keys, start)}
-            index, e, _ = store.tile_vectors(keys)
-            m = len(index)
-            emb[pos:pos + m] = e
-            slide = index["run_key"].map(ordinal).to_numpy(np.int64)
-            ids[pos:pos + m] = (slide << 32) | index["tile_idx"].to_numpy(np.int64)
-            pos += m
-            if (start // chunk) % 4 == 3:
-                _log(f"export: {min(start + chunk, n_slides)}/{n_slides} slides")
-    assert pos == n, f"exported {pos} embeddings, expected {n}"
-    return emb, ids, time.perf_counter() - t0
-
-
-def index_bench(emb: np.ndarray, ids: np.ndarray, index_path: Path, *, reuse: bool, reps: int,
-                budget_s: float, seed: int, codec: str, exact_max: int) -> dict:
+    from core.tile_index import index_root, load, refresh
     from core.vector_index import VectorIndex, recall_at_k
 
     out: dict = {}
-    exact = VectorIndex(EMB_DIM, kind="exact")
-    exact.add(emb, ids)
-    ivf = None
-    if reuse and (index_path / "meta.json").exists():
+    with Store(store_path, read_only=True) as store:
+        model_key = store.models()["model_key"].iloc[0]
+        table = store.model_info(model_key)["pred_table"]
+        runs = store.model_runs(model_key)
         t = time.perf_counter()
-        ivf = VectorIndex.load(index_path)
-        out["load_s"] = time.perf_counter() - t
-        out["build_s"] = None
-        want = "ivf" if len(emb) > exact_max else "exact"
-        if len(ivf) != len(emb) or ivf.kind != want or (want == "ivf" and ivf.codec != codec):
-            _log(f"index at {index_path} does not match ({ivf.kind}/{ivf.codec}, {len(ivf):,}): rebuilding")
-            ivf = None
-    if ivf is None:
-        shutil.rmtree(index_path, ignore_errors=True)
-        ivf = VectorIndex.build(emb, ids, kind="auto", exact_max=exact_max, codec=codec, seed=seed)
-        out["build_s"] = ivf.build_seconds
-        ivf.save(index_path)
-    _log(f"index: kind={ivf.kind} nlist={ivf.nlist} nprobe={ivf.nprobe} (tuned recall {ivf.recall})")
-    out.update(kind=ivf.kind, nlist=ivf.nlist, nprobe=ivf.nprobe, codec=ivf.codec, quantizer=ivf.quantizer,
-               index_bytes=_dir_bytes(index_path))
+        out["refresh"] = refresh(store, model_key, min_vectors=exact_max, rebuild_stale=0.25 if reuse else -1.0,
+                                 codec=codec, seed=seed, exact_max=exact_max)[model_key]
+        out["refresh_s"] = time.perf_counter() - t
+        _log(f"index refresh: {out['refresh']} ({out['refresh_s']:.0f} s)")
+        t = time.perf_counter()
+        ids, emb = store.embeddings(list(runs["run_id"]))
+        out["export_s"] = time.perf_counter() - t
+        _log(f"exported {len(ids):,} embeddings in {out['export_s']:.0f} s")
+        loaded = load(store_path, table)
+        ivf = loaded[0] if loaded else None
+        if ivf is not None:
+            out.update(kind=ivf.kind, nlist=ivf.nlist, nprobe=ivf.nprobe, codec=ivf.codec, quantizer=ivf.quantizer,
+                       index_bytes=_dir_bytes(index_root(store_path) / table))
+        else:
+            out.update(kind="exact (no index file below the threshold)", nlist=0, nprobe=0, codec="-",
+                       quantizer="-", index_bytes=0)
+        exact = VectorIndex(EMB_DIM, kind="exact")
+        exact.add(emb, ids)
 
-    rng = np.random.default_rng(seed + 1)
-    rows = rng.choice(len(emb), size=max(reps, 200), replace=False)
-    queries = [(emb[r:r + 1], 24) for r in rows[:reps]]
-    out["ivf_ms"], _ = _timed(ivf.search, queries, budget_s)
-    out["exact_ms"], _ = _timed(exact.search, queries, budget_s)
+        rng = np.random.default_rng(seed + 1)
+        rows = rng.choice(len(ids), size=max(reps, 200), replace=False)
+        run_keys = list(runs["run_key"])
+        key_of = dict(zip(runs["run_id"], runs["run_key"]))
+        calls = [(store, model_key, run_keys, key_of[int(ids[r] >> 32)], int(ids[r] & 0xFFFFFFFF), 24)
+                 for r in rows[:reps]]
+        ms, outs = _timed(lambda *a: similar_tiles(*a[:5], k=a[5]), calls, budget_s)
+        assert all(len(o) == 24 for o in outs), "similar_tiles returned fewer than 24 tiles"
+        out["query_ms"], out["method"] = ms, outs[0].attrs.get("method")
+        out["exact_ms"], _ = _timed(exact.search, [(emb[r:r + 1], 25) for r in rows[:reps]], budget_s)
 
-    # recall@24 on 200 other tiles, the query tile itself left out of both lists
-    q = emb[rows]
-    found = ivf.search(q, 25)[1]
-    truth = exact.search(q, 25)[1]
-    drop = lambda m: np.stack([r[r != ids[row]][:24] for r, row in zip(m, rows)])  # noqa: E731
-    out["recall"] = recall_at_k(drop(found), drop(truth))
-    sims = exact.search(q[:20], 25)[0]
-    out["sim_top24_mean"] = float(sims[:, 1:].mean())
-    out["sim_random_mean"] = float(np.mean(q[:20] @ emb[rng.choice(len(emb), 2000)].T))
+        # recall@24 of the page's query on 200 tiles, the query tile itself left out of both lists
+        truth = exact.search(emb[rows], 25)[1]
+        truth = np.stack([t[t != ids[r]][:24] for t, r in zip(truth, rows)])
+        found = []
+        for r in rows:
+            got = similar_tiles(store, model_key, run_keys, key_of[int(ids[r] >> 32)], int(ids[r] & 0xFFFFFFFF), k=24)
+            found.append((got["run_id"].to_numpy(np.int64) << 32) | got["tile_idx"].to_numpy(np.int64))
+        out["recall"] = recall_at_k(np.stack(found), truth)
+        sims = exact.search(emb[rows[:20]], 25)[0]
+        out["sim_top24_mean"] = float(sims[:, 1:].mean())
+        out["sim_random_mean"] = float(np.mean(emb[rows[:20]] @ emb[rng.choice(len(emb), 2000)].T))
     return out
 
 
@@ -306,19 +300,20 @@ def report(args, n_genes: int, fill_res: dict | None, queries: dict, export_s: f
     else:
         lines.append("fill: reused the existing store")
     lines.append(f"store size on disk: {store_bytes / 2**30:.2f} GiB ({store_bytes / n_tiles_total:.0f} B/tile)")
+    if fill_res and fill_res.get("open_s") is not None:
+        lines.append(f"opening the store for writing (incl. any schema upgrade): {fill_res['open_s']:.1f} s")
     if idx:
-        lines.append(f"embedding export via Store.tile_vectors: {export_s:.0f} s")
-        lines.append(f"index: {idx['kind']} codec={idx['codec']} quantizer={idx['quantizer']} nlist={idx['nlist']} "
-                     f"nprobe={idx['nprobe']}; "
-                     + (f"build {idx['build_s']:.0f} s" if idx.get("build_s") is not None
-                        else f"loaded in {idx['load_s']:.1f} s")
-                     + f"; size {idx['index_bytes'] / 2**20:.0f} MiB; recall@24 vs exact {idx['recall']:.3f} "
+        lines.append(f"embedding export via Store.embeddings: {idx['export_s']:.0f} s")
+        lines.append(f"index (core.tile_index.refresh): {idx['refresh']} in {idx['refresh_s']:.0f} s; {idx['kind']} "
+                     f"codec={idx['codec']} quantizer={idx['quantizer']} nlist={idx['nlist']} nprobe={idx['nprobe']}; "
+                     f"size {idx['index_bytes'] / 2**20:.0f} MiB; similar_tiles searched by {idx['method']}; "
+                     f"recall@24 vs exact {idx['recall']:.3f} "
                      f"(cos: top-24 {idx['sim_top24_mean']:.2f}, random pair {idx['sim_random_mean']:.2f})")
     lines.append("")
     lines.append(f"{'query':44s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s} {'target':>8s}")
     rows = list(queries.items())
     if idx:
-        rows += [(f"neighbours top-24, IVF ({n_tiles_total:,})", idx["ivf_ms"]),
+        rows += [(f"neighbours top-24, similar_tiles ({n_tiles_total:,})", idx["query_ms"]),
                  (f"neighbours top-24, exact numpy ({n_tiles_total:,})", idx["exact_ms"])]
     for name, ms in rows:
         target = next((v for k, v in TARGETS_MS.items() if name.startswith(k)), None)
@@ -360,10 +355,8 @@ def main(argv=None) -> None:
     queries = query_bench(store_path, cohort, args.slides, args.reps, args.budget, args.seed)
     export_s, idx = None, None
     if not args.skip_index:
-        _log("export embeddings")
-        emb, ids, export_s = export_embeddings(store_path, cohort, args.slides)
-        _log(f"exported {len(emb):,} embeddings in {export_s:.0f} s; index")
-        idx = index_bench(emb, ids, args.path / "vectors.index", reuse=args.reuse, reps=args.reps,
+        _log("similar-tiles index")
+        idx = index_bench(store_path, cohort, args.slides, reuse=args.reuse, reps=args.reps,
                           budget_s=args.budget, seed=args.seed, codec=args.codec,
                           exact_max=EXACT_MAX if args.exact_max is None else args.exact_max)
     print()

@@ -160,6 +160,34 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_migrate(args) -> int:
+    from core.store import SCHEMA_VERSION, Store
+
+    settings = load_settings(store_path=args.store)
+    with Store(settings.store_path, wait_s=args.wait) as store:
+        n = store.con.execute("SELECT count(*) FROM runs").fetchone()[0]
+    print(f"{settings.store_path}: schema v{SCHEMA_VERSION}, {n} runs")
+    return 0
+
+
+def cmd_index(args) -> int:
+    from core.store import Store
+    from core.tile_index import refresh
+
+    settings = load_settings(store_path=args.store)
+    with Store(settings.store_path, read_only=True, wait_s=args.wait) as store:
+        model_key = None
+        if args.model:
+            keys = [k for k in store.models()["model_key"] if k == args.model or k.split("@")[0] == args.model]
+            if not keys:
+                raise TesseraError(f"No predictions of model {args.model!r} in {settings.store_path}.")
+            model_key = keys[-1]
+        done = refresh(store, model_key, rebuild_stale=-1.0 if args.rebuild else 0.25)
+    for key, what in done.items():
+        print(f"{key}: {what}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from core.evaluation import evaluate
     from core.modelhub import load_model
@@ -303,6 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
                      ("--loso", dict(type=Path, default=None, help="LOSO report JSON to put in the card"))]:
         ts.add_argument(flag, **kw)
     ts.set_defaults(func=cmd_train_st)
+
+    m = sub.add_parser("migrate", help="upgrade the store's schema in place (any write access does it too)")
+    m.add_argument("--store", type=Path, default=None)
+    m.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the store's write lock")
+    m.set_defaults(func=cmd_migrate)
+
+    x = sub.add_parser("index", help="build or update the similar-tiles vector index of a model (or all)")
+    x.add_argument("--store", type=Path, default=None)
+    x.add_argument("--model", default=None, help="model id or model_id@version; default: every model")
+    x.add_argument("--rebuild", action="store_true", help="rebuild from scratch instead of adding new runs")
+    x.add_argument("--wait", type=float, default=60.0)
+    x.set_defaults(func=cmd_index)
 
     i = sub.add_parser("import", help="import a cohort: a folder of slides + a clinical table; prints the link report")
     i.add_argument("--slides", type=Path, required=True, help="folder searched recursively")

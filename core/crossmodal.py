@@ -28,15 +28,10 @@ def tile_profile(store, model_key: str, run_key: str, tile_idx: int, *, top: int
     return df.sort_values("predicted", ascending=False).head(top).reset_index(drop=True)
 
 
-def similar_tiles(store, run_keys: list[str], run_key: str, tile_idx: int, *, k: int = 12) -> pd.DataFrame:
-    """Tiles whose embedding is closest (cosine) to the query tile, excluding the tile itself."""
-    index, emb, _ = store.tile_vectors(run_keys)
-    hit = np.flatnonzero((index["run_key"] == run_key).to_numpy() & (index["tile_idx"] == tile_idx).to_numpy())
-    if len(hit) == 0:
-        raise KeyError(f"tile {tile_idx} of run {run_key} is not among the searched runs")
-    sims = emb @ emb[hit[0]]
-    sims[hit[0]] = -np.inf
-    order = np.argsort(-sims)[:k]
-    out = index.iloc[order].copy()
-    out["similarity"] = sims[order]
-    return out.reset_index(drop=True)
+def similar_tiles(store, model_key: str, run_keys: list[str], run_key: str, tile_idx: int, *,
+                  k: int = 12) -> pd.DataFrame:
+    """Tiles whose embedding is closest (cosine) to the query tile, excluding the tile itself
+    (through the model's vector index where one is kept: :mod:`core.tile_index`)."""
+    from core.tile_index import similar_tiles as search
+
+    return search(store, model_key, run_keys, run_key, tile_idx, k=k)

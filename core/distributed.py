@@ -96,6 +96,8 @@ def predict_cohort_ray(store_path: str | Path, cohort: str, model: LoadedModel, 
             access.ingest(wait_s=0.0)
         if access.spool.complete_runs() and not access.ingest(wait_s=ingest_wait_s):
             log.warning("the store stayed busy: finished runs wait in %s", access.spool.root)
+        if any(r.status == "computed" for r in results):
+            access.refresh_index(model.key)
     finally:
         if started_here:
             ray.shutdown()

@@ -314,6 +314,18 @@ class StoreAccess:
             log.info("store busy: %d finished run(s) wait in the spool", len(self.spool.complete_runs()))
             return 0
 
+    def refresh_index(self, model_key: str) -> None:
+        """Bring the model's similar-tiles index up to date (:mod:`core.tile_index`); reading
+        the store is enough, so this never waits for the write lock. A failure is logged, not
+        raised: queries search what the index lacks exactly."""
+        from core.tile_index import refresh
+
+        try:
+            with (self.open(0.0, or_read_only=True) if self.store is None else self.open()) as store:
+                refresh(store, model_key)
+        except Exception as exc:  # noqa: BLE001 - the predictions are safe; the index can be rebuilt
+            log.warning("the similar-tiles index was not updated (%s); `python -m core.cli index` rebuilds it", exc)
+
 
 def predict_slides(store: Store | str | Path, slides: list[tuple[str | Path, float | None]], model: LoadedModel, *,
                    tiling: TilingParams | None = None, device: str = "auto", batch_size: int | None = None,
@@ -346,6 +358,8 @@ def predict_slides(store: Store | str | Path, slides: list[tuple[str | Path, flo
             log.warning("the store stayed busy: finished runs wait in %s and are ingested by the next "
                         "process that opens the store for writing (the app does on its next page load)",
                         access.spool.root)
+        if ingest and finished:
+            access.refresh_index(model.key)
     results, by_job = [], {id(j): i for i, j in enumerate(jobs)}
     for p in planned:
         if isinstance(p, SlideResult):

@@ -45,5 +45,5 @@ with _ui.guard():
             profile = _ui.query("core.crossmodal:tile_profile", model, row["run_key"], int(tile_idx))
             right.plotly_chart(profile_bars(profile), width="stretch", key="xm_profile")
             st.subheader("Similar tiles across the cohort")
-            similar = _ui.query("core.crossmodal:similar_tiles", list(run_keys), row["run_key"], int(tile_idx))
+            similar = _ui.query("core.crossmodal:similar_tiles", model, list(run_keys), row["run_key"], int(tile_idx))
             gallery(similar, "similarity")

@@ -63,7 +63,7 @@ def _tiles_per_run(store_path):
     with Store(store_path, read_only=True) as store:
         return store.con.execute("""
             SELECT r.run_key, r.n_tiles, count(t.tile_idx) AS rows, count(DISTINCT t.tile_idx) AS distinct_rows
-            FROM runs r LEFT JOIN tiles t USING (run_key) GROUP BY ALL""").df()
+            FROM runs r LEFT JOIN tiles t USING (run_id) GROUP BY ALL""").df()
 
 
 def test_kill_9_mid_slide_then_resume(world, tmp_path):
