@@ -4,7 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from core.errors import TesseraError
 from core.slides import Slide
+
+MIN_PATCH_SHARE = 0.5   # an uploaded patch must cover at least half the model's tile width
 
 
 def top_tiles(store, model_key: str, gene: str, run_keys: list[str], k: int = 24) -> pd.DataFrame:
@@ -35,3 +38,64 @@ def similar_tiles(store, model_key: str, run_keys: list[str], run_key: str, tile
     from core.tile_index import similar_tiles as search
 
     return search(store, model_key, run_keys, run_key, tile_idx, k=k)
+
+
+def patch_tile(image: np.ndarray, patch_mpp: float, tile_um: float, out_px: int) -> tuple[np.ndarray, str]:
+    """An uploaded RGB patch as the model sees a tile: the centre ``tile_um`` µm (the whole patch
+    when it is smaller), resized to ``out_px``. Returns (tile, a note on what was done)."""
+    from PIL import Image
+
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise TesseraError("The image must be RGB (or RGBA): got an array of shape "
+                           f"{tuple(image.shape)}. Upload a colour H&E patch (PNG, JPEG or TIFF).")
+    if not patch_mpp or patch_mpp <= 0:
+        raise TesseraError("State the patch's µm per pixel (e.g. 0.5 for a 20× scan).")
+    rgb = np.ascontiguousarray(image[..., :3])
+    h, w = rgb.shape[:2]
+    side_px = tile_um / patch_mpp                        # the model's tile in the patch's pixels
+    shortest = min(h, w)
+    if shortest < MIN_PATCH_SHARE * side_px:
+        raise TesseraError(
+            f"The patch covers {shortest * patch_mpp:.0f} µm but the model looks at {tile_um:.0f} µm tiles: "
+            f"upload at least {MIN_PATCH_SHARE * tile_um:.0f} µm ({int(np.ceil(MIN_PATCH_SHARE * side_px))} px "
+            f"at {patch_mpp:g} µm/px), or check the µm/px.")
+    crop = int(round(min(side_px, shortest)))
+    top, left = (h - crop) // 2, (w - crop) // 2
+    tile = rgb[top:top + crop, left:left + crop]
+    note = (f"centre {crop * patch_mpp:.0f} µm of {w * patch_mpp:.0f} × {h * patch_mpp:.0f} µm"
+            if crop < max(h, w) else f"whole patch ({crop * patch_mpp:.0f} µm)")
+    if crop < side_px - 0.5:
+        note += f"; smaller than the model's {tile_um:.0f} µm tile, so it is magnified"
+    resized = np.asarray(Image.fromarray(tile).resize((out_px, out_px), Image.Resampling.BILINEAR))
+    return resized, note
+
+
+def predict_patch(model, tile: np.ndarray) -> dict:
+    """One tile (uint8 [px, px, 3]) through the model: expression (Series by gene), embedding,
+    composition (Series by cell type)."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.module(torch.from_numpy(np.array(tile, dtype=np.uint8, copy=True))[None])
+    return {"expression": pd.Series(out["expression"][0].float().numpy(), index=model.genes),
+            "embedding": out["embedding"][0].float().numpy(),
+            "composition": pd.Series(out["composition"][0].float().numpy(), index=model.cell_types)}
+
+
+def patch_profile(store, model_key: str, run_keys: list[str], expression: pd.Series, *,
+                  top: int = 20) -> pd.DataFrame:
+    """A patch's predicted panel, sorted, against the cohort (mean over slides of slide means)."""
+    summary = store.slide_summary(model_key, list(expression.index), run_keys)
+    cohort_mean = summary.groupby("gene")["mean"].mean()
+    df = pd.DataFrame({"gene": expression.index, "predicted": expression.to_numpy(dtype=float)})
+    df["slide_mean"] = df["gene"].map(cohort_mean)
+    df["vs_slide"] = df["predicted"] - df["slide_mean"]
+    return df.sort_values("predicted", ascending=False).head(top).reset_index(drop=True)
+
+
+def similar_to_embedding(store, model_key: str, run_keys: list[str], embedding: np.ndarray, *,
+                         k: int = 12) -> pd.DataFrame:
+    """The ``k`` tiles of the cohort closest to an embedding (e.g. of an uploaded patch)."""
+    from core.tile_index import nearest
+
+    return nearest(store, model_key, list(run_keys), embedding, k=k)

@@ -148,7 +148,16 @@ def similar_tiles(store, model_key: str, run_keys: list[str], run_key: str, tile
     if run_key not in run_ids:
         raise KeyError(f"tile {tile_idx} of run {run_key} is not among the searched runs")
     query = store.tile_embedding(run_key, tile_idx)
-    self_id = (run_ids[run_key] << 32) | int(tile_idx)
+    return nearest(store, model_key, run_ids, query, k=k, exclude=(run_ids[run_key] << 32) | int(tile_idx))
+
+
+def nearest(store, model_key: str, run_ids: dict[str, int] | list[str], query: np.ndarray, *, k: int = 12,
+            exclude: int | None = None) -> pd.DataFrame:
+    """The ``k`` tiles of the given runs (``run_key → run_id`` map, or run keys) closest to the
+    embedding ``query`` (e.g. of an uploaded patch); ``exclude``: an id left out of the results."""
+    if not isinstance(run_ids, dict):
+        run_ids = store.run_ids(run_ids)
+    query = np.asarray(query, dtype=np.float32).ravel()
     cohort = set(run_ids.values())
     loaded = load(store.path, store.model_info(model_key)["pred_table"])
     covered = cohort & loaded[1] if loaded else set()
@@ -163,8 +172,9 @@ def similar_tiles(store, model_key: str, run_keys: list[str], run_key: str, tile
             scores.append(emb @ query), ids.append(rest_ids), methods.append("exact")
     score = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     ident = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    keep = ident != self_id
-    score, ident = score[keep], ident[keep]
+    if exclude is not None:
+        keep = ident != exclude
+        score, ident = score[keep], ident[keep]
     order = np.argsort(-score, kind="stable")[:k]
     out = store.tiles_by_id(ident[order])
     out["similarity"] = score[order][:len(out)]

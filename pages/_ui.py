@@ -111,6 +111,38 @@ def tile_image(slide_path: str, x: int, y: int, size: int, out_px: int = 192):
     return read(slide_path, int(x), int(y), int(size), out_px)
 
 
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def model(model_key: str):
+    """The checkpoint behind ``model_key`` (``id@version``), for queries that run the model
+    (an uploaded patch). The version on disk must be the one whose predictions are in the store."""
+    from core.modelhub import load_model
+
+    model_id, _, version = model_key.partition("@")
+    loaded = load_model(model_id, settings().model_dirs)
+    if version and loaded.version != version:
+        raise TesseraError(f"The checkpoint of {model_id} on disk is version {loaded.version}, but the store's "
+                           f"predictions come from version {version}: predict the cohort again with it, or "
+                           "put the matching checkpoint in a model folder.")
+    return loaded
+
+
+def read_image(data: bytes, name: str):
+    """An uploaded image as an RGB(A) uint8 array, or a clear error."""
+    import io
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > 64_000_000:
+                raise TesseraError(f"{name} is {img.width} × {img.height} px: upload a patch, not a whole slide "
+                                   "(a whole slide belongs on the Import page).")
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise TesseraError(f"Could not read {name} as an image ({exc}). Upload a PNG, JPEG or TIFF patch.") from exc
+
+
 def ingest_pending() -> int:
     """Bring finished runs of background/CLI jobs from the spool into the store (when the lock is
     free for a moment; otherwise they wait for the next page load). Returns how many."""

@@ -13,6 +13,36 @@ def gallery(df, caption_col: str, n_cols: int = 6) -> None:
                                width="stretch")
 
 
+def patch_query(model_key: str, run_keys: tuple):
+    """Upload → the model's tile → predicted profile (vs the cohort) → the most similar tiles."""
+    import numpy as np
+
+    from core.crossmodal import patch_profile, patch_tile, predict_patch
+
+    tile_um, model_mpp = _ui.model_tiling(model_key)
+    c1, c2 = st.columns([2, 1])
+    upload = c1.file_uploader("H&E patch (PNG, JPEG or TIFF)", type=["png", "jpg", "jpeg", "tif", "tiff"],
+                              key="xm_upload")
+    mpp = c2.number_input("Patch µm per pixel", min_value=0.05, max_value=20.0, value=float(model_mpp),
+                          step=0.05, format="%.3f", key="xm_patch_mpp",
+                          help=f"The model looks at {tile_um:.0f} µm tiles; the patch is cropped/resized to match.")
+    if upload is None:
+        st.caption(f"Upload a patch of at least {tile_um / 2:.0f} µm; its centre {tile_um:.0f} µm is used.")
+        return None
+    image = _ui.read_image(upload.getvalue(), upload.name)
+    loaded = _ui.model(model_key)
+    tile, note = patch_tile(image, mpp, tile_um, int(loaded.card["input_px"]))
+    out = predict_patch(loaded, tile)
+    left, right = st.columns([1, 2])
+    left.image(tile, caption=f"{upload.name}: {note}", width="stretch")
+    profile = _ui.query("core.crossmodal:patch_profile", model_key, list(run_keys), out["expression"])
+    right.plotly_chart(profile_bars(profile), width="stretch", key="xm_patch_profile")
+    st.caption("Bars: predicted log1p(CP10k); red = above the cohort's mean of slide means.")
+    st.subheader("Most similar tiles across the cohort")
+    return _ui.query("core.crossmodal:similar_to_embedding", model_key, list(run_keys),
+                     np.asarray(out["embedding"]))
+
+
 st.header("Cross-modal")
 with _ui.guard():
     cohort, model = _ui.sidebar()
@@ -33,17 +63,24 @@ with _ui.guard():
             st.caption(f"The {len(top)} tiles across {len(run_keys)} slides with the highest predicted {gene}.")
             gallery(top, "value")
         with to_genes:
-            c1, c2 = st.columns([2, 1])
-            slide_name = c1.selectbox("Slide", list(runs["slide_name"]), key="xm_slide")
-            row = runs[runs["slide_name"] == slide_name].iloc[0]
-            tile_idx = c2.number_input("Tile index", 0, int(row["n_tiles"]) - 1, 0, key="xm_tile")
-            tiles = _ui.query("store:heatmap", model, row["run_key"], genes[0])
-            tile = tiles[tiles["tile_idx"] == tile_idx].iloc[0]
-            left, right = st.columns([1, 2])
-            left.image(_ui.tile_image(row["slide_path"], tile["x"], tile["y"], int(row["tile_size"]), 320),
-                       caption=f"tile {tile_idx} at ({tile['x']}, {tile['y']})", width="stretch")
-            profile = _ui.query("core.crossmodal:tile_profile", model, row["run_key"], int(tile_idx))
-            right.plotly_chart(profile_bars(profile), width="stretch", key="xm_profile")
-            st.subheader("Similar tiles across the cohort")
-            similar = _ui.query("core.crossmodal:similar_tiles", model, list(run_keys), row["run_key"], int(tile_idx))
-            gallery(similar, "similarity")
+            source = st.radio("Query", ["A tile of a slide", "An uploaded image patch"], horizontal=True,
+                              key="xm_source")
+            if source == "A tile of a slide":
+                c1, c2 = st.columns([2, 1])
+                slide_name = c1.selectbox("Slide", list(runs["slide_name"]), key="xm_slide")
+                row = runs[runs["slide_name"] == slide_name].iloc[0]
+                tile_idx = c2.number_input("Tile index", 0, int(row["n_tiles"]) - 1, 0, key="xm_tile")
+                tiles = _ui.query("store:heatmap", model, row["run_key"], genes[0])
+                tile = tiles[tiles["tile_idx"] == tile_idx].iloc[0]
+                left, right = st.columns([1, 2])
+                left.image(_ui.tile_image(row["slide_path"], tile["x"], tile["y"], int(row["tile_size"]), 320),
+                           caption=f"tile {tile_idx} at ({tile['x']}, {tile['y']})", width="stretch")
+                profile = _ui.query("core.crossmodal:tile_profile", model, row["run_key"], int(tile_idx))
+                right.plotly_chart(profile_bars(profile), width="stretch", key="xm_profile")
+                st.subheader("Similar tiles across the cohort")
+                similar = _ui.query("core.crossmodal:similar_tiles", model, list(run_keys), row["run_key"],
+                                    int(tile_idx))
+            else:
+                similar = patch_query(model, run_keys)
+            if similar is not None:
+                gallery(similar, "similarity")

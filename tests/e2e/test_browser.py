@@ -87,3 +87,38 @@ def test_pages_in_a_real_browser(server, page):
     visit(page, f"{server}/slide", "slide_mask.png", click="Tissue mask and tile grid",
           selectors=["[data-testid='stImage']"])
     visit(page, f"{server}/crossmodal", "crossmodal.png", selectors=["[data-testid='stImage']"])
+
+
+def test_uploaded_patch_in_a_real_browser(server, page, demo_env, tmp_path):
+    """Image → gene from an uploaded file: the patch's profile and its look-alikes render; a file
+    that is not an image gives a clear message, not a traceback."""
+    from PIL import Image
+
+    from core.crossmodal import tile_image
+    from core.store import Store
+
+    settings, _ = demo_env
+    with Store(settings.store_path, read_only=True) as store:
+        run = store.con.execute("SELECT slide_path, tile_size, run_key FROM runs LIMIT 1").df().iloc[0]
+        xy = store.con.execute("SELECT x, y FROM tiles t JOIN runs r USING (run_id) WHERE r.run_key = ? LIMIT 1",
+                               [run["run_key"]]).fetchall()[0]
+    patch = tmp_path / "patch.png"
+    Image.fromarray(tile_image(run["slide_path"], xy[0], xy[1], int(run["tile_size"]), 256)).save(patch)
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+
+    page.goto(f"{server}/crossmodal")
+    page.get_by_text("Tile → genes").first.click(timeout=60_000)
+    page.get_by_text("An uploaded image patch").first.click(timeout=60_000)
+    page.locator("input[type='file']").first.set_input_files(str(patch))
+    page.get_by_text("Most similar tiles across the cohort").first.wait_for(timeout=120_000)
+    page.get_by_text("patch.png:").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(ARTIFACTS / "crossmodal_patch.png"), full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert page.locator("[data-testid='stImage']").count() >= 1 + 12
+
+    page.locator("input[type='file']").first.set_input_files(str(bad))
+    page.get_by_text("Could not read notes.png as an image").first.wait_for(timeout=60_000)
+    assert page.locator("[data-testid='stException']").count() == 0
+
