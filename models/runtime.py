@@ -3,8 +3,10 @@
 On a CPU, ONNX Runtime runs EfficientNet-Lite0 several times faster than eager PyTorch (measured
 here: ~45 vs ~7 tiles/s at 224 px with 2 threads under load). A model is exported once per
 (model version, input size) into a cache folder, and every fresh session is *verified* against the
-PyTorch model on a fixed batch before use: if any output differs by more than ``TOLERANCE``
-the engine falls back to PyTorch (and says so). Both runtimes take uint8 tiles [B, H, W, 3] and
+PyTorch model on a fixed batch before first use: if any output differs by more than
+``TOLERANCE`` the engine falls back to PyTorch (and says so). A passed verification is recorded
+beside the file (``*.verified.json``, keyed by the file's size and mtime and the torch and
+onnxruntime versions), so later jobs with the same file and libraries skip it. Both runtimes take uint8 tiles [B, H, W, 3] and
 return float32 numpy arrays ``expression``, ``embedding``, ``composition``.
 """
 from __future__ import annotations
@@ -104,6 +106,36 @@ def verification_batch(input_px: int, n: int = 6) -> torch.Tensor:
     return torch.from_numpy(np.clip(tiles, 0, 255).astype(np.uint8))
 
 
+def _verification_key(path: Path) -> dict:
+    """What a verification holds for: this exported file and these runtime versions."""
+    import onnxruntime
+
+    st = path.stat()
+    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "tolerance": TOLERANCE}
+
+
+def _verified(path: Path) -> float | None:
+    """The recorded max difference of an earlier verification of this very file, or None."""
+    import json
+
+    record = path.with_suffix(".verified.json")
+    try:
+        data = json.loads(record.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return float(data["max_difference"]) if data.get("key") == _verification_key(path) else None
+
+
+def _remember_verified(path: Path, diff: float) -> None:
+    import json
+
+    record = path.with_suffix(".verified.json")
+    tmp = record.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": _verification_key(path), "max_difference": diff}))
+    tmp.replace(record)
+
+
 def create_runtime(model: nn.Module, *, device: torch.device, input_px: int, kind: str = "auto",
                    cache_dir: Path | None = None, version: str = "", threads: int | None = None):
     """The fastest verified runtime: ONNX Runtime on CPU when available and matching, else PyTorch.
@@ -129,8 +161,12 @@ def create_runtime(model: nn.Module, *, device: torch.device, input_px: int, kin
         if not path.is_file():
             export_onnx(model, input_px, path)
         runtime = OnnxRuntime(path, threads)
-        batch = verification_batch(input_px)
-        diff = max_difference(runtime(batch), TorchRuntime(model, device)(batch))
+        diff = _verified(path) if version else None
+        if diff is None:
+            batch = verification_batch(input_px)
+            diff = max_difference(runtime(batch), TorchRuntime(model, device)(batch))
+            if version and diff <= TOLERANCE:
+                _remember_verified(path, diff)
     except Exception as exc:  # an export the runtime cannot run: never silently wrong, fall back
         if kind == "onnx":
             raise

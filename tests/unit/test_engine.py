@@ -146,6 +146,37 @@ def test_onnx_runtime_matches_torch(world, tmp_path, monkeypatch):
     np.testing.assert_allclose(results["onnx"], results["torch"], atol=1e-3)
 
 
+def test_onnx_verification_is_recorded_and_invalidated(world, tmp_path, monkeypatch):
+    """A passed verification is reused for the same exported file and library versions only; a
+    record that does not match (here: a file replaced by a wrong model) means verifying again."""
+    import json
+
+    import torch
+
+    from models import runtime as rt
+
+    root, _ = world
+    model = load_model("tiny", [root / "models"])
+    cache = tmp_path / "onnx"
+    calls = []
+    real = rt.max_difference
+    monkeypatch.setattr(rt, "max_difference", lambda a, b: calls.append(1) or real(a, b))
+    kw = dict(device=torch.device("cpu"), input_px=112, kind="auto", cache_dir=cache, version="tiny-v")
+    first = rt.create_runtime(model.module, **kw)
+    assert first.name == "onnx" and len(calls) == 1
+    record = json.loads(next(cache.glob("*.verified.json")).read_text())
+    assert record["max_difference"] <= rt.TOLERANCE and record["key"]["onnxruntime"]
+    assert rt.create_runtime(model.module, **kw).name == "onnx" and len(calls) == 1     # reused
+    # another model's graph under the same name: the record no longer matches, the check runs and fails
+    other = load_model("tiny", [root / "models"]).module
+    with torch.no_grad():
+        for p in other.head.parameters():
+            p.add_(0.5)
+    onnx_file = next(cache.glob("*.onnx"))
+    rt.export_onnx(other, 112, onnx_file)
+    assert rt.create_runtime(model.module, **kw).name == "torch" and len(calls) == 2
+
+
 def test_spool_ignores_half_written_chunks(tmp_path):
     spool = Spool(tmp_path / "spool")
     out = {"expression": np.ones((3, 2)), "embedding": np.ones((3, 4)), "composition": np.ones((3, 2)) / 2}
