@@ -10,8 +10,9 @@ from core.slides import Slide
 MIN_PATCH_SHARE = 0.5   # an uploaded patch must cover at least half the model's tile width
 
 
-def top_tiles(store, model_key: str, gene: str, run_keys: list[str], k: int = 24) -> pd.DataFrame:
-    """The ``k`` tiles across the given runs with the highest predicted ``gene``."""
+def top_tiles(store, model_key: str, gene: str | list[str], run_keys: list[str], k: int = 24) -> pd.DataFrame:
+    """The ``k`` tiles across the given runs with the highest predicted ``gene`` (or mean of a
+    signature's genes)."""
     return store.top_tiles(model_key, gene, run_keys, k)
 
 

@@ -38,12 +38,12 @@ def _actor_class():
             self.model = load_model(model_id, [Path(d) for d in model_dirs])
             self.engine = Engine(self.model, **engine_kwargs)
 
-        def predict(self, store_path: str, slides: list, tiling: dict, force: bool) -> list[dict]:
+        def predict(self, store_path: str, slides: list, tiling: dict, force: bool, nuclei: bool = False) -> list[dict]:
             from core.predict import predict_slides
             from core.slides import TilingParams
 
             results = predict_slides(store_path, slides, self.model, tiling=TilingParams(**tiling), force=force,
-                                     engine=self.engine, ingest=False)
+                                     engine=self.engine, ingest=False, nuclei=nuclei)
             return [asdict(r) for r in results]
 
     return SlideWorker
@@ -52,7 +52,7 @@ def _actor_class():
 def predict_cohort_ray(store_path: str | Path, cohort: str, model: LoadedModel, *, address: str | None = None,
                        device: str = "auto", batch_size: int | None = None, workers: int | None = None,
                        force: bool = False, min_tissue: float | None = None, runtime: str = "auto",
-                       ingest_wait_s: float = 30.0, cpus_per_actor: int = 1, group_size: int = 4,
+                       ingest_wait_s: float = 30.0, nuclei: bool = False, cpus_per_actor: int = 1, group_size: int = 4,
                        num_cpus: int | None = None) -> list[SlideResult]:
     """Predict a cohort over a Ray cluster (``address``, ``$RAY_ADDRESS``, or a new local instance)."""
     import ray
@@ -90,7 +90,7 @@ def predict_cohort_ray(store_path: str | Path, cohort: str, model: LoadedModel, 
         groups = [pairs[i:i + group_size] for i in range(0, len(pairs), group_size)]
         pool = ActorPool(actors)
         results: list[SlideResult] = []
-        for group in pool.map_unordered(lambda a, g: a.predict.remote(str(store_path), g, asdict(tiling), force),
+        for group in pool.map_unordered(lambda a, g: a.predict.remote(str(store_path), g, asdict(tiling), force, nuclei),
                                         groups):
             results.extend(SlideResult(**r) for r in group)
             access.ingest(wait_s=0.0)

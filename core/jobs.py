@@ -31,8 +31,9 @@ def jobs_dir(store_path: str | Path) -> Path:
     return Path(str(store_path) + ".jobs")
 
 
-def job_id(store_path: str | Path, cohort: str, model_id: str, min_tissue: float | None = None) -> str:
-    payload = f"{Path(store_path).resolve()}|{cohort}|{model_id}|{min_tissue}"
+def job_id(store_path: str | Path, cohort: str, model_id: str, min_tissue: float | None = None,
+           nuclei: bool = False) -> str:
+    payload = f"{Path(store_path).resolve()}|{cohort}|{model_id}|{min_tissue}" + ("|nuclei" if nuclei else "")
     return hashlib.blake2b(payload.encode(), digest_size=6).hexdigest()
 
 
@@ -94,11 +95,11 @@ class Job:
 
 
 def start_job(store_path: str | Path, cohort: str, model_id: str, *, min_tissue: float | None = None,
-              extra_args: list[str] | None = None, env: dict | None = None) -> tuple[Job, bool]:
+              nuclei: bool = False, extra_args: list[str] | None = None, env: dict | None = None) -> tuple[Job, bool]:
     """Start (or attach to) the job; returns (job, started_now)."""
     folder = jobs_dir(store_path)
     folder.mkdir(parents=True, exist_ok=True)
-    jid = job_id(store_path, cohort, model_id, min_tissue)
+    jid = job_id(store_path, cohort, model_id, min_tissue, nuclei)
     job = Job(jid, folder / f"{jid}.json")
     lock = folder / f"{jid}.lock"
     for _ in range(2):
@@ -122,6 +123,8 @@ def start_job(store_path: str | Path, cohort: str, model_id: str, *, min_tissue:
                "--store", str(store_path), "--job-file", str(job.status_path), *(extra_args or [])]
         if min_tissue is not None:
             cmd += ["--min-tissue", str(min_tissue)]
+        if nuclei:
+            cmd += ["--nuclei"]
         log_file = open(folder / f"{jid}.log", "w")
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})})

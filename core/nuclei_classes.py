@@ -201,6 +201,12 @@ def composition(rgb: np.ndarray, *, mpp: float, classifier: NucleusClassifier | 
     return (_fractions(counts)[0], int(counts.sum())) if return_count else _fractions(counts)[0]
 
 
+def nucleus_counts(rgb: np.ndarray, *, mpp: float, classifier: NucleusClassifier | None = None) -> np.ndarray:
+    """Nuclei per class (``len(CLASSES)`` int16) in one tile at ``mpp`` µm/px (the engine's
+    ``--nuclei`` counts, computed in its loader workers)."""
+    return _counts([rgb], mpp, classifier)[0].astype(np.int16)
+
+
 def compositions(patches, *, mpp: float, classifier: NucleusClassifier | None = None, workers: int = 1,
                  chunk: int = 32, return_counts: bool = False):
     """Class fractions ``(N, len(CLASSES))`` of many patches (``(N, H, W, 3)`` array or a list).

@@ -88,9 +88,12 @@ def fingerprint(store: Store, path: Path) -> str:
     return fp
 
 
-def run_key_for(slide_fp: str, model_key: str, tiling: TilingParams, slide_mpp: float) -> str:
-    """The cache key; the slide's µm/px is part of it, since fixing a wrong µm/px changes the tiles."""
-    payload = f"{slide_fp}|{model_key}|{tiling.key()}|{slide_mpp:.6g}".encode()
+def run_key_for(slide_fp: str, model_key: str, tiling: TilingParams, slide_mpp: float, *,
+                nuclei: bool = False) -> str:
+    """The cache key; the slide's µm/px is part of it, since fixing a wrong µm/px changes the tiles.
+    A run with nucleus counts is a different run (the keys of runs without them are unchanged)."""
+    payload = f"{slide_fp}|{model_key}|{tiling.key()}|{slide_mpp:.6g}" + ("|nuclei" if nuclei else "")
+    payload = payload.encode()
     return hashlib.blake2b(payload, digest_size=12).hexdigest()
 
 
@@ -129,8 +132,8 @@ def _stream_class():
         """Tiles of the pending chunks of many slides; worker *w* of *n* reads units w, w+n, …
         (a unit is one chunk of one slide) with its own OpenSlide handles."""
 
-        def __init__(self, units: list[tuple], out_px: int):
-            self.units, self.out_px = units, out_px
+        def __init__(self, units: list[tuple], out_px: int, nuclei_mpp: float | None = None):
+            self.units, self.out_px, self.nuclei_mpp = units, out_px, nuclei_mpp
 
         def __iter__(self):
             from torch.utils.data import get_worker_info
@@ -146,7 +149,13 @@ def _stream_class():
                             handles.popitem(last=False)[1].close()
                     slide = handles[path]
                     for i, (x, y) in zip(idx, xy):
-                        yield job, chunk, int(i), slide.read_region((int(x), int(y)), size, self.out_px)
+                        tile = slide.read_region((int(x), int(y)), size, self.out_px)
+                        counts = None
+                        if self.nuclei_mpp:   # in the loader worker: overlapped with the model
+                            from core.nuclei_classes import nucleus_counts
+
+                            counts = nucleus_counts(tile, mpp=self.nuclei_mpp)
+                        yield job, chunk, int(i), tile, counts
             finally:
                 for slide in handles.values():
                     slide.close()
@@ -157,8 +166,9 @@ def _stream_class():
 def _collate(batch):
     import torch
 
-    jobs, chunks, idx, tiles = zip(*batch)
-    return np.array(jobs), np.array(chunks), np.array(idx), torch.from_numpy(np.stack(tiles))
+    jobs, chunks, idx, tiles, counts = zip(*batch)
+    nuclei = None if counts[0] is None else np.stack(counts).astype(np.int16)
+    return np.array(jobs), np.array(chunks), np.array(idx), torch.from_numpy(np.stack(tiles)), nuclei
 
 
 # -- the engine ----------------------------------------------------------------------------------
@@ -180,8 +190,12 @@ class Engine:
         self.workers = (1 if (os.cpu_count() or 1) <= 2 else min(4, os.cpu_count() - 2)) if workers is None else workers
 
     def run(self, jobs: list[SlideJob], spool: Spool, *, progress: Callable[[dict], None] | None = None,
-            cancel: Callable[[], bool] | None = None, on_slide: Callable[[SlideJob], None] | None = None) -> set[int]:
+            cancel: Callable[[], bool] | None = None, on_slide: Callable[[SlideJob], None] | None = None,
+            nuclei: bool = False) -> set[int]:
         """Compute every pending chunk of ``jobs`` into ``spool``; returns the indices of finished jobs.
+
+        ``nuclei``: the loader workers also segment and classify the nuclei of every tile
+        (:func:`core.nuclei_classes.nucleus_counts`) while the model runs on earlier batches.
 
         ``progress`` gets a dict (done, total, tiles_per_s, eta_s, slide); ``cancel()`` is polled
         between batches — finished chunks stay in the spool, so a later run resumes there.
@@ -201,19 +215,23 @@ class Engine:
             self._finish(jobs[j], spool, on_slide)
         if not units:
             return finished
-        loader = DataLoader(_stream_class()(units, self.model.tiling().out_px), batch_size=self.batch_size,
+        tiling = self.model.tiling()
+        nuclei_mpp = tiling.tile_um / tiling.out_px if nuclei else None
+        loader = DataLoader(_stream_class()(units, tiling.out_px, nuclei_mpp), batch_size=self.batch_size,
                             num_workers=self.workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
                             prefetch_factor=4 if self.workers > 0 else None)
         buffers: dict[tuple, list] = {}
         got: Counter = Counter()
         done, started = 0, time.perf_counter()
-        for job_ids, chunk_ids, idx, tiles in loader:
+        for job_ids, chunk_ids, idx, tiles, counts in loader:
             if cancel is not None and cancel():
                 log.info("cancelled after %d of %d tiles; finished chunks are kept", done, total)
                 break
             for j in set(job_ids.tolist()):
                 jobs[j].started = jobs[j].started or time.perf_counter()
             out = self.runtime(tiles)
+            if counts is not None:
+                out["nuclei"] = counts
             for key in sorted(set(zip(job_ids.tolist(), chunk_ids.tolist()))):
                 rows = (job_ids == key[0]) & (chunk_ids == key[1])
                 job = jobs[key[0]]
@@ -250,14 +268,14 @@ class Engine:
 
 
 def plan_slide(store: Store, spool: Spool, path: str | Path, model: LoadedModel, tiling: TilingParams, *,
-               mpp_override: float | None = None, force: bool = False) -> SlideJob | SlideResult:
+               mpp_override: float | None = None, force: bool = False, nuclei: bool = False) -> SlideJob | SlideResult:
     """A :class:`SlideResult` (cached) when the run is in the store, else the :class:`SlideJob`."""
     path = Path(path)
     started = time.perf_counter()
     slide_fp = fingerprint(store, path)
     with Slide(path, mpp_override=mpp_override) as slide:
         mpp = slide.mpp
-        run_key = run_key_for(slide_fp, model.key, tiling, mpp)
+        run_key = run_key_for(slide_fp, model.key, tiling, mpp, nuclei=nuclei)
         existing = store.find_run(run_key)
         if existing is not None and not force:
             log.info("%s: cached (run %s, %d tiles), no model work", path.name, run_key, existing["n_tiles"])
@@ -267,7 +285,7 @@ def plan_slide(store: Store, spool: Spool, path: str | Path, model: LoadedModel,
     if force:
         spool.remove(run_key)
     record = {"run_key": run_key, "slide_fp": slide_fp, "model_key": model.key, "tiling_key": tiling.key(),
-              "tiling": asdict(tiling), "slide_name": path.name, "slide_path": str(path.resolve()),
+              "tiling": {**asdict(tiling), **({"nuclei": True} if nuclei else {})}, "slide_name": path.name, "slide_path": str(path.resolve()),
               "tile_size": grid.size_level0, "width": width, "height": height, "mpp": mpp, "device": "",
               "model": {"model_id": model.model_id, "version": model.version, "genes": model.genes,
                         "cell_types": model.cell_types, "card": model.card}}
@@ -332,8 +350,11 @@ def predict_slides(store: Store | str | Path, slides: list[tuple[str | Path, flo
                    workers: int | None = None, runtime: str = "auto", force: bool = False,
                    progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None,
                    engine: Engine | None = None, ingest_wait_s: float = 30.0,
-                   ingest: bool = True) -> list[SlideResult]:
+                   ingest: bool = True, nuclei: bool = False) -> list[SlideResult]:
     """Predict ``slides`` ((path, µm/px override or None) pairs) into the store, or serve them from it.
+
+    ``nuclei=True`` also counts nuclei per class in every tile (in the loader workers, overlapped
+    with the model); such runs are cached separately from runs without counts.
 
     ``ingest=False`` (Ray actors): read the store only, leave finished runs in the spool for the
     driver to ingest.
@@ -344,7 +365,7 @@ def predict_slides(store: Store | str | Path, slides: list[tuple[str | Path, flo
     with opened as st:
         if not st.read_only:
             st.ingest(access.spool)  # runs finished by an earlier, interrupted job
-        planned = [plan_slide(st, access.spool, path, model, tiling, mpp_override=mpp, force=force)
+        planned = [plan_slide(st, access.spool, path, model, tiling, mpp_override=mpp, force=force, nuclei=nuclei)
                    for path, mpp in slides]
     jobs = [p for p in planned if isinstance(p, SlideJob)]
     finished: set[int] = set()
@@ -352,7 +373,7 @@ def predict_slides(store: Store | str | Path, slides: list[tuple[str | Path, flo
         engine = engine or Engine(model, device=device, batch_size=batch_size, workers=workers, runtime=runtime)
         for job in jobs:
             job.record["device"] = f"{engine.device}/{engine.runtime.name}"
-        finished = engine.run(jobs, access.spool, progress=progress, cancel=cancel,
+        finished = engine.run(jobs, access.spool, progress=progress, cancel=cancel, nuclei=nuclei,
                               on_slide=(lambda job: access.ingest(wait_s=0.0)) if ingest else None)
         if ingest and access.spool.complete_runs() and not access.ingest(wait_s=ingest_wait_s):
             log.warning("the store stayed busy: finished runs wait in %s and are ingested by the next "
@@ -386,7 +407,7 @@ def predict_cohort(store: Store | str | Path, cohort: str, model: LoadedModel, *
                    batch_size: int | None = None, workers: int | None = None, force: bool = False,
                    min_tissue: float | None = None, runtime: str = "auto",
                    progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None,
-                   ingest_wait_s: float = 30.0) -> list[SlideResult]:
+                   ingest_wait_s: float = 30.0, nuclei: bool = False) -> list[SlideResult]:
     """Predict every usable slide of a cohort (status ``ok``), honouring µm/px overrides."""
     access = StoreAccess(store)
     with access.open(wait_s=5.0, or_read_only=True) as st:
@@ -397,4 +418,4 @@ def predict_cohort(store: Store | str | Path, cohort: str, model: LoadedModel, *
              for row in usable.itertuples(index=False)]
     return predict_slides(store, pairs, model, tiling=tiling, device=device, batch_size=batch_size,
                           workers=workers, runtime=runtime, force=force, progress=progress, cancel=cancel,
-                          ingest_wait_s=ingest_wait_s)
+                          ingest_wait_s=ingest_wait_s, nuclei=nuclei)

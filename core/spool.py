@@ -73,6 +73,7 @@ class Spool:
             "tile_idx": np.asarray(tile_idx, np.int32), "x": np.asarray(xy[:, 0], np.int32),
             "y": np.asarray(xy[:, 1], np.int32), "tissue": np.asarray(tissue, np.float32),
             **{name: _fixed(outputs[name]) for name in OUTPUTS},
+            **({"nuclei": _fixed(outputs["nuclei"], np.int16)} if outputs.get("nuclei") is not None else {}),
         })
         _atomic_write(folder / _chunk_name(chunk), lambda p: pq.write_table(table, p))
 
@@ -110,6 +111,9 @@ class Spool:
         for name in OUTPUTS:
             col = table.column(name).combine_chunks()
             arrays[name] = np.asarray(col.flatten(), np.float32).reshape(len(col), -1)
+        if "nuclei" in table.column_names:      # per-class nucleus counts (predict --nuclei)
+            col = table.column("nuclei").combine_chunks()
+            arrays["nuclei"] = np.asarray(col.flatten(), np.int16).reshape(len(col), -1)
         order = np.argsort(arrays["tile_idx"], kind="stable")
         return record, {k: v[order] for k, v in arrays.items()}
 
@@ -121,6 +125,6 @@ def _chunk_name(chunk: int, size: int = CHUNK_TILES) -> str:
     return f"chunk{size}-{chunk:05d}.parquet"
 
 
-def _fixed(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+def _fixed(matrix: np.ndarray, dtype=np.float32) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix, dtype=dtype)
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])

@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS cohort_issues (
     cohort VARCHAR, severity VARCHAR, kind VARCHAR, subject VARCHAR, message VARCHAR);
 """
 
+# v4 (added in place): per-class nucleus counts per tile, when a job counted them (predict --nuclei).
+_TILE_VECTORS_V4 = [("nuclei", "SMALLINT[]")]
 # v3: Moran's I per slide and gene (spatial heterogeneity) in slide_summary.
 _SUMMARY_V3 = [("morans_i", "REAL")]
 # v2: the import report's columns on cohort_slides (added in place to v1 stores).
@@ -163,6 +165,8 @@ class Store:
             raise StoreError(f"{self.path} has schema v{row[0]}, newer than this Tessera (v{SCHEMA_VERSION}).")
         if "run_key" in self._columns("tiles"):
             self._migrate_v4()
+        for column, kind in _TILE_VECTORS_V4:
+            self.con.execute(f"ALTER TABLE tile_vectors ADD COLUMN IF NOT EXISTS {column} {kind}")
         if row is None:
             self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
         else:
@@ -274,9 +278,10 @@ class Store:
         return None if df.empty else df.iloc[0].to_dict()
 
     def write_run(self, run: RunRecord, xy: np.ndarray, tissue: np.ndarray, expression: np.ndarray,
-                  embedding: np.ndarray, composition: np.ndarray) -> int:
+                  embedding: np.ndarray, composition: np.ndarray, nuclei: np.ndarray | None = None) -> int:
         """Write a whole slide's results atomically; the ``runs`` row is the completion marker.
-        A run written again replaces the old one under a new ``run_id``. Returns the run id."""
+        A run written again replaces the old one under a new ``run_id``. Returns the run id.
+        ``nuclei``: optional per-tile nucleus counts per class [n, C]."""
         info = self.model_info(run.model_key)
         genes = info["genes"]
         n = len(xy)
@@ -307,9 +312,12 @@ class Store:
             con.register("_pred", pa.table({"run_id": ids, "tile_idx": idx, "x": x, "y": y,
                                             **{g: expression[:, i].astype(np.float32) for i, g in enumerate(genes)}}))
             con.execute(f"INSERT INTO {info['pred_table']} SELECT * FROM _pred")
-            con.register("_vec", pa.table({"run_id": ids, "tile_idx": idx, "embedding": _list_array(embedding),
-                                           "composition": _list_array(composition)}))
-            con.execute("INSERT INTO tile_vectors SELECT * FROM _vec")
+            vec = {"run_id": ids, "tile_idx": idx, "embedding": _list_array(embedding),
+                   "composition": _list_array(composition)}
+            if nuclei is not None:
+                vec["nuclei"] = _list_array(nuclei, np.int16)
+            con.register("_vec", pa.table(vec))
+            con.execute("INSERT INTO tile_vectors BY NAME SELECT * FROM _vec")
             con.register("_summary", summary)
             con.execute("INSERT INTO slide_summary BY NAME SELECT * FROM _summary")
             con.execute("""INSERT INTO runs (run_id, run_key, slide_fp, model_key, tiling_key, tiling, slide_name,
@@ -339,7 +347,7 @@ class Store:
                                 model["card"])
             xy = np.stack([arrays["x"], arrays["y"]], axis=1)
             self.write_run(RunRecord(**record), xy, arrays["tissue"], arrays["expression"], arrays["embedding"],
-                           arrays["composition"])
+                           arrays["composition"], arrays.get("nuclei"))
             spool.remove(run_key)
             done.append(run_key)
         if done:
@@ -433,21 +441,23 @@ class Store:
             raise StoreError(f"No complete run {run_key} in this store (it may have been re-predicted).")
         return row[0]
 
-    def heatmap(self, model_key: str, run_key: str, gene: str) -> pd.DataFrame:
-        """Tile x, y (level-0 px) and predicted value of one gene on one slide."""
-        table = self._pred_table(model_key, gene)
-        return self.con.execute(f"SELECT tile_idx, x, y, {_ident(gene)} AS value FROM {table} "
+    def heatmap(self, model_key: str, run_key: str, gene: str | list[str]) -> pd.DataFrame:
+        """Tile x, y (level-0 px) and predicted value of one gene (or the mean of a signature's
+        genes) on one slide."""
+        table, value = self._value(model_key, gene)
+        return self.con.execute(f"SELECT tile_idx, x, y, {value} AS value FROM {table} "
                                 "WHERE run_id = ? ORDER BY tile_idx", [self._run_id(run_key)]).df()
 
-    def top_tiles(self, model_key: str, gene: str, run_keys: list[str], k: int = 24) -> pd.DataFrame:
-        """The ``k`` tiles with the highest predicted value of ``gene`` across the given runs."""
-        table = self._pred_table(model_key, gene)
+    def top_tiles(self, model_key: str, gene: str | list[str], run_keys: list[str], k: int = 24) -> pd.DataFrame:
+        """The ``k`` tiles with the highest predicted value of ``gene`` (or of the mean of a
+        signature's genes) across the given runs."""
+        table, value = self._value(model_key, gene)
         # top k first (one column scan), then join only those k rows to the runs: joining every
         # tile first costs seconds at 10 M tiles (benchmarks/store_bench.py)
         return self.con.execute(f"""
             WITH sel AS (SELECT run_id, run_key, tile_size, slide_name, slide_path FROM runs
                          WHERE run_key IN (SELECT unnest(?::VARCHAR[]))),
-                 top AS (SELECT run_id, tile_idx, x, y, {_ident(gene)} AS value FROM {table}
+                 top AS (SELECT run_id, tile_idx, x, y, {value} AS value FROM {table}
                          WHERE run_id IN (SELECT run_id FROM sel) ORDER BY value DESC LIMIT ?)
             SELECT sel.run_key, top.tile_idx, top.value, top.x, top.y, sel.tile_size, sel.slide_name, sel.slide_path
             FROM top JOIN sel USING (run_id) ORDER BY top.value DESC""", [list(run_keys), k]).df()
@@ -507,6 +517,20 @@ class Store:
         finally:
             self.con.unregister("_want")
 
+    def tile_nuclei(self, run_key: str) -> pd.DataFrame | None:
+        """Per tile of a run: tile_idx, x, y and the nucleus count of each class (columns
+        ``n0 … n{C-1}``, in ``core.nuclei_classes.CLASSES`` order), or None when the job that
+        made the run did not count nuclei."""
+        tbl = self.con.sql("""SELECT t.tile_idx, t.x, t.y, v.nuclei FROM tile_vectors v JOIN tiles t USING (run_id, tile_idx)
+                              WHERE v.run_id = ? ORDER BY t.tile_idx""", params=[self._run_id(run_key)]).to_arrow_table()
+        if tbl.num_rows == 0 or tbl.column("nuclei").null_count == tbl.num_rows:
+            return None
+        counts = _stack(tbl.column("nuclei").cast(pa.list_(pa.float32())))
+        df = tbl.drop_columns(["nuclei"]).to_pandas()
+        for c in range(counts.shape[1]):
+            df[f"n{c}"] = counts[:, c].astype(np.int32)
+        return df
+
     def slide_summary(self, model_key: str, genes: list[str], run_keys: list[str]) -> pd.DataFrame:
         """Per slide and gene: mean, median, q90 and Moran's I of the tile predictions."""
         return self.con.execute("""
@@ -529,6 +553,18 @@ class Store:
             SELECT r.run_key, per.threshold, per.fraction FROM per JOIN r USING (run_id)
             ORDER BY r.run_key""", [list(run_keys), quantile]).df()
 
+    def _value(self, model_key: str, genes: str | list[str]) -> tuple[str, str]:
+        """(prediction table, SQL for one gene's column or the mean of several)."""
+        genes = [genes] if isinstance(genes, str) else list(genes)
+        if not genes:
+            raise StoreError("No gene given.")
+        table = ""
+        for gene in genes:
+            table = self._pred_table(model_key, gene)
+        if len(genes) == 1:
+            return table, _ident(genes[0])
+        return table, "(" + " + ".join(_ident(g) for g in genes) + f") / {len(genes)}"
+
     def _pred_table(self, model_key: str, gene: str) -> str:
         info = self.model_info(model_key)
         if gene not in info["genes"]:
@@ -536,8 +572,8 @@ class Store:
         return info["pred_table"]
 
 
-def _list_array(matrix: np.ndarray) -> pa.Array:
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+def _list_array(matrix: np.ndarray, dtype=np.float32) -> pa.Array:
+    matrix = np.ascontiguousarray(matrix, dtype=dtype)
     offsets = np.arange(0, matrix.size + 1, matrix.shape[1], dtype=np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(matrix.ravel()))
 

@@ -1,6 +1,7 @@
 """Cross-modal: gene → the tiles that express it most; tile → its predicted profile and look-alikes."""
 import streamlit as st
 
+from core.maps import parse_signature
 from core.plots import profile_bars
 from pages import _ui
 
@@ -56,11 +57,16 @@ with _ui.guard():
         genes = _ui.genes(model)
         to_tiles, to_genes = st.tabs(["Gene → morphology", "Tile → genes"])
         with to_tiles:
-            c1, c2 = st.columns([2, 1])
+            c1, c2, c3 = st.columns([2, 2, 1])
             gene = c1.selectbox("Gene", genes, index=genes.index("CD8A") if "CD8A" in genes else 0, key="xm_gene")
-            k = c2.slider("Tiles", 6, 48, 24, 6, key="xm_k")
-            top = _ui.query("core.crossmodal:top_tiles", model, gene, list(run_keys), k)
-            st.caption(f"The {len(top)} tiles across {len(run_keys)} slides with the highest predicted {gene}.")
+            signature = c2.text_input("…or a signature (genes separated by commas)", key="xm_sig",
+                                      help="Tiles ranked by the mean predicted log1p(CP10k) of these genes.")
+            k = c3.slider("Tiles", 6, 48, 24, 6, key="xm_k")
+            query_genes = parse_signature(signature, genes) if signature.strip() else [gene]
+            what = ", ".join(query_genes) if len(query_genes) > 1 else query_genes[0]
+            top = _ui.query("core.crossmodal:top_tiles", model, query_genes, list(run_keys), k)
+            st.caption(f"The {len(top)} tiles across {len(run_keys)} slides with the highest predicted "
+                       + (f"mean of {what}." if len(query_genes) > 1 else f"{what}."))
             gallery(top, "value")
         with to_genes:
             source = st.radio("Query", ["A tile of a slide", "An uploaded image patch"], horizontal=True,

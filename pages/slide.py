@@ -1,22 +1,59 @@
-"""Slide: a predicted gene as a heatmap over the thumbnail; the tissue mask and tile grid preview."""
+"""Slide: predicted genes, signatures or nucleus densities as heatmaps over the thumbnail (one, or two
+side by side); the tissue mask and tile grid preview."""
 import streamlit as st
 
 from core.plots import heatmap_overlay
 from pages import _ui
 
 
-def heatmap(model: str, row) -> None:
+def pick_layer(model: str, row, key: str, default: str, has_nuclei: bool) -> str:
+    """A gene, a signature, or (when the run counted them) a class of nuclei."""
+    from core.maps import nuclei_layers, parse_signature
+
     genes = _ui.genes(model)
-    c1, c2 = st.columns([1, 1])
-    gene = c1.selectbox("Gene", genes, index=genes.index("ERBB2") if "ERBB2" in genes else 0, key="gene")
-    opacity = c2.slider("Opacity", 0.0, 1.0, 0.55, 0.05, key="opacity")
-    tiles = _ui.query("store:heatmap", model, row["run_key"], gene)
+    options = [f"gene:{g}" for g in genes] + ["sig:"] + (nuclei_layers() if has_nuclei else [])
+    labels = {"sig:": "Signature (mean of several genes)…"}
+    labels.update({o: f"Nuclei: {o.split(':')[1]} (per mm²)" for o in nuclei_layers()})
+    index = options.index(f"gene:{default}") if f"gene:{default}" in options else 0
+    choice = st.selectbox("Layer", options, index=index, key=f"layer_{key}",
+                          format_func=lambda o: labels.get(o, o.split(":", 1)[1]))
+    if choice == "sig:":
+        text = st.text_input("Signature genes", "CD8A, CD3E, GZMB" if "GZMB" in genes else ", ".join(genes[:3]),
+                             key=f"sig_{key}", help="Predicted log1p(CP10k) averaged over these genes, per tile.")
+        choice = "sig:" + ",".join(parse_signature(text, genes))
+    return choice
+
+
+def heatmap(model: str, row, key: str, default: str, opacity: float) -> None:
+    from core.maps import layer_title
+
+    has_nuclei = _ui.query("store:tile_nuclei", row["run_key"]) is not None
+    layer = pick_layer(model, row, key, default, has_nuclei)
+    tile_um, _ = _ui.model_tiling(model)
+    tiles = _ui.query("core.maps:layer_tiles", model, row["run_key"], layer, tile_um)
+    title = layer_title(layer)
     thumb, dims = _ui.thumbnail(row["slide_path"], 1024)
-    fig = heatmap_overlay(thumb, dims, tiles, int(row["tile_size"]), title=gene, opacity=opacity)
-    st.plotly_chart(fig, width="stretch", key="heatmap")
-    st.caption(f"{row['patient']} · {len(tiles)} tiles of {int(row['tile_size'])} px · "
-               f"predicted log1p(CP10k) of {gene}: mean {tiles['value'].mean():.2f}, "
-               f"range {tiles['value'].min():.2f}–{tiles['value'].max():.2f}")
+    fig = heatmap_overlay(thumb, dims, tiles, int(row["tile_size"]), title=title.split(" (")[0], opacity=opacity,
+                          colorscale="Magma" if layer.startswith("nuclei:") else "Viridis")
+    st.plotly_chart(fig, width="stretch", key=f"heatmap_{key}")
+    unit = "" if layer.startswith("nuclei:") else "predicted log1p(CP10k) of "
+    st.caption(f"{row['patient']} · {len(tiles)} tiles of {int(row['tile_size'])} px · {unit}{title}: "
+               f"mean {tiles['value'].mean():.2f}, range {tiles['value'].min():.2f}–{tiles['value'].max():.2f}")
+
+
+def heatmaps(model: str, row) -> None:
+    c1, c2 = st.columns([1, 1])
+    compare = c1.toggle("Side by side", value=False, key="compare",
+                        help="Two layers of the same slide next to each other (e.g. a gene and a signature).")
+    opacity = c2.slider("Opacity", 0.0, 1.0, 0.55, 0.05, key="opacity")
+    if not compare:
+        heatmap(model, row, "a", "ERBB2", opacity)
+        return
+    left, right = st.columns(2)
+    with left:
+        heatmap(model, row, "a", "ERBB2", opacity)
+    with right:
+        heatmap(model, row, "b", "CD8A", opacity)
 
 
 def tissue_preview(model: str, row) -> None:
@@ -56,6 +93,6 @@ with _ui.guard():
                 st.info("Not predicted yet with this model: run `python -m core.cli predict "
                         f"--cohort {cohort}`.")
             else:
-                heatmap(model, row)
+                heatmaps(model, row)
         with mask_tab:
             tissue_preview(model, row)

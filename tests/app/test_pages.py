@@ -54,10 +54,23 @@ def test_cohort_table_filter_and_export(app_env):
 
 def test_slide_gene_switch(app_env):
     at = run_page("pages/slide.py")
-    at.selectbox(key="gene").select("CD8A").run()
+    at.selectbox(key="layer_a").select("gene:CD8A").run()
     at.slider(key="opacity").set_value(0.9).run()
     assert not at.exception
     assert "CD8A" in at.caption[0].value
+
+
+def test_slide_signature_side_by_side_and_a_bad_gene(app_env):
+    at = run_page("pages/slide.py")
+    at.toggle(key="compare").set_value(True).run()
+    assert not at.exception and len(at.get("plotly_chart")) == 2
+    at.selectbox(key="layer_b").select("sig:").run()
+    at.text_input(key="sig_b").input("cd8a; CD3E").run()
+    assert not at.exception
+    assert any("signature (CD8A, CD3E)" in c.value for c in at.caption)
+    at.text_input(key="sig_b").input("CD8A, NOTAGENE").run()
+    assert not at.exception
+    assert any("NOTAGENE" in e.value for e in at.error)
 
 
 def test_crossmodal_gallery_and_profile(app_env):
@@ -68,6 +81,9 @@ def test_crossmodal_gallery_and_profile(app_env):
     assert not at.exception
     captions = [c for img in at.get("image") for c in img.captions]
     assert any(c.startswith("tile 2 at") for c in captions)
+    at.text_input(key="xm_sig").input("CD8A, cd3e").run()          # gene → morphology by a signature
+    assert not at.exception
+    assert any("mean of CD8A, CD3E" in c.value for c in at.caption)
 
 
 def test_survival_reports_hr_and_p(app_env):

@@ -187,3 +187,46 @@ def test_spool_ignores_half_written_chunks(tmp_path):
     with pytest.raises(RuntimeError, match="missing"):
         spool.finish("r1", {"run_key": "r1"}, n_chunks=2)
     assert spool.complete_runs() == [] and spool.pending_runs() == ["r1"]
+
+
+def test_nuclei_counted_in_the_loader_workers(world, tmp_path, monkeypatch):
+    """--nuclei: one loader worker process segments each tile's nuclei while the model runs; the
+    counts reach the store, equal a direct count of the same tile, and make a separate cached run."""
+    from core.nuclei_classes import CLASSES, nucleus_counts
+    from core.slides import Slide
+
+    root, slides = world
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "cache"))
+    model = load_model("tiny", [root / "models"])
+    store = tmp_path / "n.duckdb"
+    [plain] = predict_slides(store, [(slides[0], None)], model, device="cpu", workers=1, runtime="torch")
+    [counted] = predict_slides(store, [(slides[0], None)], model, device="cpu", workers=1, runtime="torch",
+                               nuclei=True)
+    assert counted.status == "computed" and counted.run_key != plain.run_key
+    [again] = predict_slides(store, [(slides[0], None)], model, device="cpu", workers=1, runtime="torch", nuclei=True)
+    assert again.status == "cached" and again.run_key == counted.run_key
+    with Store(store, read_only=True) as s:
+        assert s.tile_nuclei(plain.run_key) is None
+        nuc = s.tile_nuclei(counted.run_key)
+        run = s.find_run(counted.run_key)
+    assert len(nuc) == counted.n_tiles and [c for c in nuc.columns if c.startswith("n")] == \
+        [f"n{i}" for i in range(len(CLASSES))]
+    assert nuc.filter(like="n").to_numpy().sum() > 0
+    tiling = model.tiling()
+    with Slide(slides[0]) as slide:
+        for _, row in nuc.sample(5, random_state=0).iterrows():
+            tile = slide.read_region((int(row["x"]), int(row["y"])), int(run["tile_size"]), tiling.out_px)
+            direct = nucleus_counts(tile, mpp=tiling.tile_um / tiling.out_px)
+            assert list(direct) == [int(row[f"n{i}"]) for i in range(len(CLASSES))]
+    # the Slide page's nucleus-density layer, and a clear message for a run without counts
+    from core.errors import TesseraError
+    from core.maps import layer_tiles
+
+    with Store(store, read_only=True) as s:
+        dens = layer_tiles(s, model.key, counted.run_key, "nuclei:all", tiling.tile_um)
+        cls = layer_tiles(s, model.key, counted.run_key, f"nuclei:{CLASSES[1]}", tiling.tile_um)
+        with pytest.raises(TesseraError, match="--nuclei"):
+            layer_tiles(s, model.key, plain.run_key, "nuclei:all", tiling.tile_um)
+    area = (tiling.tile_um / 1000) ** 2
+    np.testing.assert_allclose(dens["value"], nuc[[f"n{i}" for i in range(len(CLASSES))]].sum(axis=1) / area)
+    np.testing.assert_allclose(cls["value"], nuc["n1"] / area)

@@ -173,3 +173,17 @@ def test_similar_tiles_index_lifecycle(tmp_path):
         after = similar_tiles(store, key, keys9, keys9[1], 5, k=20)
         assert set(after["run_id"]) <= set(ids.values())
         assert after.attrs["method"] == "index+exact"
+
+
+def test_signature_is_the_mean_of_its_genes(tmp_path):
+    with Store(tmp_path / "s.duckdb") as store:
+        key, runs = _fill(store, range(3))
+        run_key, arrays = next(iter(runs.items()))
+        expr = arrays[2]
+        sig = store.heatmap(key, run_key, ["ERBB2", "MKI67"])
+        np.testing.assert_allclose(sig["value"], (expr[:, 0] + expr[:, 2]) / 2, rtol=1e-5)
+        top = store.top_tiles(key, ["ERBB2", "MKI67"], list(runs), k=5)
+        every = np.concatenate([(a[2][:, 0] + a[2][:, 2]) / 2 for a in runs.values()])
+        np.testing.assert_allclose(top["value"], np.sort(every)[::-1][:5], rtol=1e-5)
+        with pytest.raises(StoreError, match="not in the panel"):
+            store.heatmap(key, run_key, ["ERBB2", "NOPE"])
