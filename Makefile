@@ -38,6 +38,7 @@ bench: setup
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.tiler
 	$(PY) -m benchmarks.store_bench --reuse
+	$(PY) -m benchmarks.layout_bench
 
 clean-demo:
 	rm -rf data/demo

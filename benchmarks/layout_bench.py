@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     import duckdb
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--path", type=Path, default=Path("/tmp/tessera-bench4"))
+    ap.add_argument("--path", type=Path, default=Path("/tmp/tessera-bench"))
     ap.add_argument("--slides", type=int, default=100)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--budget", type=float, default=60.0)

@@ -183,7 +183,8 @@ def cmd_index(args) -> int:
             if not keys:
                 raise TesseraError(f"No predictions of model {args.model!r} in {settings.store_path}.")
             model_key = keys[-1]
-        done = refresh(store, model_key, rebuild_stale=-1.0 if args.rebuild else 0.25)
+    # by path: the store is opened only while vectors are read, not while the index is trained
+    done = refresh(settings.store_path, model_key, rebuild_stale=-1.0 if args.rebuild else 0.25)
     for key, what in done.items():
         print(f"{key}: {what}")
     return 0

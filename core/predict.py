@@ -333,14 +333,13 @@ class StoreAccess:
             return 0
 
     def refresh_index(self, model_key: str) -> None:
-        """Bring the model's similar-tiles index up to date (:mod:`core.tile_index`); reading
-        the store is enough, so this never waits for the write lock. A failure is logged, not
-        raised: queries search what the index lacks exactly."""
+        """Bring the model's similar-tiles index up to date (:mod:`core.tile_index`). The store is
+        opened read-only, and only while vectors are read (not while the index is trained). A
+        failure is logged, not raised: queries search what the index lacks exactly."""
         from core.tile_index import refresh
 
         try:
-            with (self.open(0.0, or_read_only=True) if self.store is None else self.open()) as store:
-                refresh(store, model_key)
+            refresh(self.store if self.store is not None else self.path, model_key)
         except Exception as exc:  # noqa: BLE001 - the predictions are safe; the index can be rebuilt
             log.warning("the similar-tiles index was not updated (%s); `python -m core.cli index` rebuilds it", exc)
 
@@ -373,8 +372,20 @@ def predict_slides(store: Store | str | Path, slides: list[tuple[str | Path, flo
         engine = engine or Engine(model, device=device, batch_size=batch_size, workers=workers, runtime=runtime)
         for job in jobs:
             job.record["device"] = f"{engine.device}/{engine.runtime.name}"
-        finished = engine.run(jobs, access.spool, progress=progress, cancel=cancel, nuclei=nuclei,
-                              on_slide=(lambda job: access.ingest(wait_s=0.0)) if ingest else None)
+        # finished slides are ingested on a background thread while the model keeps running
+        # (DuckDB and the runtimes release the GIL); one thread, so ingests never overlap
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="ingest") as background:
+            pending = []
+            on_slide = (lambda job: pending.append(background.submit(access.ingest, 0.0))) if ingest else None
+            finished = engine.run(jobs, access.spool, progress=progress, cancel=cancel, nuclei=nuclei,
+                                  on_slide=on_slide)
+            for future in pending:
+                try:
+                    future.result()
+                except Exception as exc:  # noqa: BLE001 - the runs stay in the spool; retried below
+                    log.warning("background ingest failed (%s); retrying at the end", exc)
         if ingest and access.spool.complete_runs() and not access.ingest(wait_s=ingest_wait_s):
             log.warning("the store stayed busy: finished runs wait in %s and are ingested by the next "
                         "process that opens the store for writing (the app does on its next page load)",

@@ -140,10 +140,11 @@ class Store:
                     f"The store {self.path.name} is busy: another process holds its lock "
                     "(a prediction job ingesting results, or another writer). Try again in a moment."
                     if busy else f"Cannot open the store {self.path}: {exc}") from exc
-        if not read_only:
-            self._migrate()
-        else:
-            self._check_version()
+        try:
+            self._migrate() if not read_only else self._check_version()
+        except Exception:
+            self.con.close()
+            raise
 
     def close(self) -> None:
         self.con.close()
@@ -185,7 +186,6 @@ class Store:
             row = None
         version = int(row[0]) if row else None
         if version != SCHEMA_VERSION:
-            self.con.close()
             raise StoreError(
                 f"The store {self.path.name} has schema v{version or '?'}; this Tessera reads v{SCHEMA_VERSION}. "
                 "Open it once for writing to upgrade it in place (`python -m core.cli migrate`, or any page "
@@ -205,7 +205,13 @@ class Store:
 
         t0 = time.perf_counter()
         con = self.con
-        tables = [r[0] for r in con.execute("SELECT pred_table FROM models").fetchall()]
+        models = con.execute("SELECT model_key, pred_table, genes FROM models").fetchall()
+        tables = [m[1] for m in models]
+        for key, _, genes in models:
+            clash = sorted({g for g in genes if g.lower() in _PRED_KEYS})
+            if clash:
+                raise StoreError(f"Cannot upgrade {self.path.name}: model {key} has genes named {clash}, which v4 "
+                                 f"uses as columns ({', '.join(_PRED_KEYS)}). Export its predictions, then drop it.")
         con.execute("BEGIN")
         try:
             con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS run_id INTEGER")
@@ -298,13 +304,17 @@ class Store:
         con = self.con
         con.execute("BEGIN")
         try:
+            # ids only ever grow (a counter in meta), so a rewritten run never gets an id back
+            last = self._one("""SELECT greatest(coalesce((SELECT max(run_id) FROM runs), 0),
+                                    coalesce((SELECT value::INTEGER FROM meta WHERE key = 'last_run_id'), 0))""")[0]
+            run_id = int(last) + 1
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('last_run_id', ?)", [str(run_id)])
             old = self._one("SELECT run_id FROM runs WHERE run_key=?", [run.run_key])
             if old is not None:
                 for table in ("tiles", "tile_vectors", info["pred_table"]):
                     con.execute(f"DELETE FROM {table} WHERE run_id=?", [old[0]])
                 con.execute("DELETE FROM runs WHERE run_key=?", [run.run_key])
             con.execute("DELETE FROM slide_summary WHERE run_key=?", [run.run_key])
-            run_id = self._one("SELECT coalesce(max(run_id), 0) + 1 FROM runs")[0]
             ids = np.full(n, run_id, dtype=np.int32)
             con.register("_tiles", pa.table({"run_id": ids, "tile_idx": idx, "x": x, "y": y,
                                              "tissue": tissue.astype(np.float32)}))
@@ -521,6 +531,8 @@ class Store:
         """Per tile of a run: tile_idx, x, y and the nucleus count of each class (columns
         ``n0 … n{C-1}``, in ``core.nuclei_classes.CLASSES`` order), or None when the job that
         made the run did not count nuclei."""
+        if "nuclei" not in self._columns("tile_vectors"):    # opened read-only before the column existed
+            return None
         tbl = self.con.sql("""SELECT t.tile_idx, t.x, t.y, v.nuclei FROM tile_vectors v JOIN tiles t USING (run_id, tile_idx)
                               WHERE v.run_id = ? ORDER BY t.tile_idx""", params=[self._run_id(run_key)]).to_arrow_table()
         if tbl.num_rows == 0 or tbl.column("nuclei").null_count == tbl.num_rows:

@@ -14,12 +14,15 @@ Policy:
   replaced or removed;
 - :func:`similar_tiles` searches the index for the runs it covers (results of runs outside the
   query's cohort, or no longer in the store, are filtered out) and searches the runs it does not
-  cover exactly, then merges: a query is never wrong because the index lags behind the store.
+  cover exactly, then merges: a lagging index makes a query slower, not stale. Selections of at
+  most ``INDEX_MIN`` tiles are searched exactly (as fast, and exact). The index is approximate:
+  its ``nprobe`` is tuned for recall@24 ≥ 0.95 against exact search.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -58,84 +61,128 @@ def _lock(folder: Path):
 
 
 def load(store_path, pred_table: str, *, mmap: bool = True) -> tuple[VectorIndex, frozenset] | None:
-    """The live index of a model and the run ids it covers, or None (cached per version)."""
+    """The live index of a model and the run ids it covers, or None (cached per version). A
+    version swapped away between reading ``current`` and opening it is retried once."""
     folder = _model_dir(store_path, pred_table)
-    try:
-        version = (folder / "current").read_text().strip()
-    except FileNotFoundError:
-        return None
-    key = (str(folder), version)
-    if mmap and key in _LOADED:
-        return _LOADED[key]
-    try:
-        index = VectorIndex.load(folder / version, mmap=mmap)
-        runs = frozenset(int(r) for r in np.load(folder / version / "runs.npy"))
-    except (FileNotFoundError, ValueError) as exc:   # swapped away under us, or an old format
-        log.warning("vector index %s/%s unreadable (%s): exact search instead", folder, version, exc)
-        return None
-    if mmap:
-        _LOADED.clear()                              # one model's index in memory at a time
-        _LOADED[key] = (index, runs)
-    return index, runs
+    for attempt in range(2):
+        try:
+            version = (folder / "current").read_text().strip()
+        except FileNotFoundError:
+            return None
+        key = (str(folder), version)
+        if mmap and key in _LOADED:
+            return _LOADED[key]
+        try:
+            index = VectorIndex.load(folder / version, mmap=mmap)
+            runs = frozenset(int(r) for r in np.load(folder / version / "runs.npy"))
+        except (OSError, RuntimeError, ValueError) as exc:   # swapped away under us, or an old format
+            if attempt == 0:
+                continue
+            log.warning("vector index %s/%s unreadable (%s): exact search instead", folder, version, exc)
+            return None
+        if mmap:
+            _LOADED.clear()                              # one model's index in memory at a time
+            _LOADED[key] = (index, runs)
+        return index, runs
+    return None
 
 
 def refresh(store, model_key: str | None = None, *, min_vectors: int = INDEX_MIN, kind: str = "auto",
             rebuild_stale: float = REBUILD_STALE, **build_kw) -> dict[str, str]:
     """Bring the index of ``model_key`` (default: every model) up to date with the store.
 
+    ``store``: an open :class:`core.store.Store` (used as is), or the store's path — then the
+    store is opened read-only only while vectors are read, never while the index is trained, so
+    the app and other jobs are not locked out for the minutes a large build takes.
+
     Returns per model what was done: ``none`` (too few tiles for an index), ``current``,
-    ``added N runs`` or ``built N vectors``; ``rebuild_stale < 0`` always rebuilds. ``build_kw``
-    go to :meth:`VectorIndex.build`.
+    ``added N runs`` or ``built N vectors``. It rebuilds when more than ``rebuild_stale`` of the
+    indexed runs were replaced or removed (``< 0``: always), when an exact index outgrew
+    ``exact_max``, or when an IVF index has grown ~4x past the size its cells were trained for.
+    ``build_kw`` go to :meth:`VectorIndex.build`.
     """
-    models = [model_key] if model_key else list(store.models()["model_key"])
+    from core.store import Store
+
+    def reading():
+        return contextlib.nullcontext(store) if isinstance(store, Store) else Store(store, read_only=True, wait_s=30.0)
+
+    store_path = store.path if isinstance(store, Store) else Path(store)
+    with reading() as st:
+        models = [model_key] if model_key else list(st.models()["model_key"])
+        plans = {key: (st.model_info(key)["pred_table"], st.model_runs(key)) for key in models}
     done = {}
-    for key in models:
-        table = store.model_info(key)["pred_table"]
-        runs = store.model_runs(key)
-        folder = _model_dir(store.path, table)
+    for key, (table, runs) in plans.items():
+        folder = _model_dir(store_path, table)
         if int(runs["n_tiles"].sum()) < min_vectors:
             if folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)
             done[key] = "none"
             continue
         with _lock(folder):
-            done[key] = _refresh_one(store, folder, table, runs, kind, rebuild_stale, build_kw)
+            done[key] = _refresh_one(reading, store_path, folder, table, runs, kind, rebuild_stale, build_kw)
         log.info("vector index of %s: %s", key, done[key])
     return done
 
 
-def _refresh_one(store, folder: Path, table: str, runs: pd.DataFrame, kind: str, rebuild_stale: float,
-                 build_kw: dict) -> str:
+def _built_for(folder: Path) -> int:
+    """How many vectors the live index's cells were trained on (0 if unknown)."""
+    try:
+        version = (folder / "current").read_text().strip()
+        return int(json.loads((folder / version / "build.json").read_text())["built_for"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+
+
+def _outgrown(index: VectorIndex, total: int, kind: str, exact_max: int, built_for: int) -> bool:
+    if index.kind == "exact":
+        return kind != "exact" and total > exact_max
+    return total > 4 * built_for                         # cells trained for < 1/4 of today's vectors
+
+
+def _refresh_one(reading, store_path: Path, folder: Path, table: str, runs: pd.DataFrame, kind: str,
+                 rebuild_stale: float, build_kw: dict) -> str:
     live = {int(r) for r in runs["run_id"]}
-    current = load(store.path, table, mmap=False)
+    total = int(runs["n_tiles"].sum())
+    current = load(store_path, table, mmap=False)
     if current is not None:
         index, covered = current
         stale = len(covered - live) / max(len(covered), 1)
         new = sorted(live - covered)
-        if stale <= rebuild_stale:
+        built_for = _built_for(folder)
+        if stale <= rebuild_stale and not _outgrown(index, total, kind, build_kw.get("exact_max", EXACT_MAX),
+                                                    built_for):
             if not new:
                 return "current"
-            ids, emb = store.embeddings(new)
+            with reading() as st:
+                ids, emb = st.embeddings(new)
             index.add(emb, ids)
-            _publish(folder, index, (covered & live) | set(new))
+            _publish(folder, index, (covered & live) | set(new), built_for)
             return f"added {len(new)} runs"
     t0 = time.perf_counter()
-    ids, emb = store.embeddings(sorted(live))
+    with reading() as st:
+        ids, emb = st.embeddings(sorted(live))
     index = VectorIndex.build(emb, ids, kind=kind, **build_kw)
-    _publish(folder, index, live)
+    _publish(folder, index, live, len(ids))
     return f"built {len(ids)} vectors in {time.perf_counter() - t0:.1f} s"
 
 
-def _publish(folder: Path, index: VectorIndex, runs: set[int]) -> None:
+def _publish(folder: Path, index: VectorIndex, runs: set[int], built_for: int) -> None:
+    """Write a new version, point ``current`` at it, and delete versions older than the previous
+    one (a reader that read ``current`` just before the swap can still open the previous one)."""
     version = f"v{time.time_ns()}"
     target = folder / version
     index.save(target)
     np.save(target / "runs.npy", np.array(sorted(runs), dtype=np.int64))
+    (target / "build.json").write_text(json.dumps({"built_for": int(built_for), "size": len(index)}))
+    try:
+        previous = (folder / "current").read_text().strip()
+    except FileNotFoundError:
+        previous = None
     pointer = folder / "current.tmp"
     pointer.write_text(version)
     os.replace(pointer, folder / "current")
     for old in folder.glob("v*"):
-        if old.name != version:       # readers holding an mmap of an old file keep reading it
+        if old.name not in (version, previous):
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -154,17 +201,28 @@ def similar_tiles(store, model_key: str, run_keys: list[str], run_key: str, tile
 def nearest(store, model_key: str, run_ids: dict[str, int] | list[str], query: np.ndarray, *, k: int = 12,
             exclude: int | None = None) -> pd.DataFrame:
     """The ``k`` tiles of the given runs (``run_key → run_id`` map, or run keys) closest to the
-    embedding ``query`` (e.g. of an uploaded patch); ``exclude``: an id left out of the results."""
+    embedding ``query`` (e.g. of an uploaded patch); ``exclude``: an id left out of the results.
+
+    The index serves the runs it covers when they hold more than ``INDEX_MIN`` tiles; a smaller
+    selection (or one the index could not fill, e.g. a few slides among thousands) is searched
+    exactly, like runs the index does not cover yet."""
     if not isinstance(run_ids, dict):
         run_ids = store.run_ids(run_ids)
     query = np.asarray(query, dtype=np.float32).ravel()
     cohort = set(run_ids.values())
     loaded = load(store.path, store.model_info(model_key)["pred_table"])
     covered = cohort & loaded[1] if loaded else set()
+    if covered:
+        sizes = store.model_runs(model_key).set_index("run_id")["n_tiles"]
+        if int(sizes.reindex(sorted(covered)).fillna(0).sum()) <= INDEX_MIN:
+            covered = set()
     scores, ids, methods = [], [], []
     if covered:
         s, i = _search_index(loaded[0], query, covered, len(loaded[1]), k + 1)
-        scores.append(s), ids.append(i), methods.append("index")
+        if len(i) >= min(k + 1, len(loaded[0])):
+            scores.append(s), ids.append(i), methods.append("index")
+        else:                                    # the probed cells held too few of these runs
+            covered = set()
     rest = sorted(cohort - covered)
     if rest:
         rest_ids, emb = store.embeddings(rest)
@@ -177,7 +235,9 @@ def nearest(store, model_key: str, run_ids: dict[str, int] | list[str], query: n
         score, ident = score[keep], ident[keep]
     order = np.argsort(-score, kind="stable")[:k]
     out = store.tiles_by_id(ident[order])
-    out["similarity"] = score[order][:len(out)]
+    by_id = dict(zip(ident[order].tolist(), score[order].tolist()))
+    out_ids = (out["run_id"].to_numpy(np.int64) << 32) | out["tile_idx"].to_numpy(np.int64)
+    out["similarity"] = np.array([by_id[i] for i in out_ids.tolist()], dtype=np.float32)
     out.attrs["method"] = "+".join(methods) or "none"
     return out
 

@@ -5,7 +5,7 @@ here: ~45 vs ~7 tiles/s at 224 px with 2 threads under load). A model is exporte
 (model version, input size) into a cache folder, and every fresh session is *verified* against the
 PyTorch model on a fixed batch before first use: if any output differs by more than
 ``TOLERANCE`` the engine falls back to PyTorch (and says so). A passed verification is recorded
-beside the file (``*.verified.json``, keyed by the file's size and mtime and the torch and
+beside the file (``*.verified.json``, keyed by a hash of the file's contents and the torch and
 onnxruntime versions), so later jobs with the same file and libraries skip it. Both runtimes take uint8 tiles [B, H, W, 3] and
 return float32 numpy arrays ``expression``, ``embedding``, ``composition``.
 """
@@ -110,8 +110,10 @@ def _verification_key(path: Path) -> dict:
     """What a verification holds for: this exported file and these runtime versions."""
     import onnxruntime
 
-    st = path.stat()
-    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "torch": torch.__version__,
+    import hashlib
+
+    digest = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    return {"file": path.name, "blake2b": digest, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "tolerance": TOLERANCE}
 
 

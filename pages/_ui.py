@@ -139,7 +139,7 @@ def read_image(data: bytes, name: str):
                 raise TesseraError(f"{name} is {img.width} × {img.height} px: upload a patch, not a whole slide "
                                    "(a whole slide belongs on the Import page).")
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise TesseraError(f"Could not read {name} as an image ({exc}). Upload a PNG, JPEG or TIFF patch.") from exc
 
 
@@ -161,9 +161,36 @@ def ingest_pending() -> int:
     return n
 
 
+@st.cache_data(show_spinner=False, max_entries=4)
+def _needs_upgrade(path: str, mtime: float) -> bool:
+    from core.store import SCHEMA_VERSION, Store
+    from core.errors import StoreError
+
+    try:
+        with Store(path, read_only=True):
+            return False
+    except StoreError as exc:
+        return f"reads v{SCHEMA_VERSION}" in str(exc)
+
+
+def upgrade_store_if_needed() -> None:
+    """A store written by an older Tessera is upgraded in place on first use (one short write
+    connection; minutes only for stores of millions of tiles), instead of every page failing."""
+    path = store_path()
+    if not _needs_upgrade(str(path), _mtime(path)):
+        return
+    from core.store import Store
+
+    with st.spinner("Upgrading the store to this version's layout (once)…"):
+        with Store(path, wait_s=10.0):
+            pass
+    st.cache_data.clear()
+
+
 def sidebar() -> tuple[str | None, str | None]:
     """Cohort and model pickers: (cohort, model_key); model_key is None before any prediction."""
     if store_path().exists():
+        upgrade_store_if_needed()
         ingest_pending()
     if not store_path().exists():
         st.sidebar.warning("No store yet.")

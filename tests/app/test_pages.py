@@ -27,6 +27,12 @@ def monkeypatch_module():
     mp.undo()
 
 
+def assert_clean(at: AppTest) -> None:
+    """No exception, and nothing the pages' guard had to catch as unexpected."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not any("Something went wrong" in e.value for e in at.error), [e.value for e in at.error]
+
+
 def run_page(page: str) -> AppTest:
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     at.run()
@@ -48,7 +54,7 @@ def test_cohort_table_filter_and_export(app_env):
     at = run_page("pages/cohort.py")
     assert at.metric[0].value == "60"
     at.text_input(key="f_search").input("TCGA").run()
-    assert not at.exception
+    assert_clean(at)
     assert at.get("download_button")
 
 
@@ -56,20 +62,21 @@ def test_slide_gene_switch(app_env):
     at = run_page("pages/slide.py")
     at.selectbox(key="layer_a").select("gene:CD8A").run()
     at.slider(key="opacity").set_value(0.9).run()
-    assert not at.exception
+    assert_clean(at)
     assert "CD8A" in at.caption[0].value
 
 
 def test_slide_signature_side_by_side_and_a_bad_gene(app_env):
     at = run_page("pages/slide.py")
     at.toggle(key="compare").set_value(True).run()
-    assert not at.exception and len(at.get("plotly_chart")) == 2
+    assert_clean(at)
+    assert len(at.get("plotly_chart")) == 2
     at.selectbox(key="layer_b").select("sig:").run()
     at.text_input(key="sig_b").input("cd8a; CD3E").run()
-    assert not at.exception
+    assert_clean(at)
     assert any("signature (CD8A, CD3E)" in c.value for c in at.caption)
     at.text_input(key="sig_b").input("CD8A, NOTAGENE").run()
-    assert not at.exception
+    assert_clean(at)
     assert any("NOTAGENE" in e.value for e in at.error)
 
 
@@ -78,11 +85,11 @@ def test_crossmodal_gallery_and_profile(app_env):
     images = at.get("image")
     assert len(images) >= 24 + 1 + 12  # gene gallery, the query tile, similar tiles
     at.number_input(key="xm_tile").set_value(2).run()
-    assert not at.exception
+    assert_clean(at)
     captions = [c for img in at.get("image") for c in img.captions]
     assert any(c.startswith("tile 2 at") for c in captions)
     at.text_input(key="xm_sig").input("CD8A, cd3e").run()          # gene → morphology by a signature
-    assert not at.exception
+    assert_clean(at)
     assert any("mean of CD8A, CD3E" in c.value for c in at.caption)
 
 
@@ -91,7 +98,7 @@ def test_survival_reports_hr_and_p(app_env):
     labels = [m.label for m in at.metric]
     assert "Log-rank p" in labels and "Cox HR high vs low" in labels
     at.selectbox(key="sv_endpoint").select("PFI").run()
-    assert not at.exception
+    assert_clean(at)
 
 
 def test_no_store_gives_guidance(tmp_path, monkeypatch):
@@ -102,5 +109,29 @@ def test_no_store_gives_guidance(tmp_path, monkeypatch):
     st.cache_resource.clear()
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     st.cache_resource.clear()
-    assert not at.exception
+    assert_clean(at)
     assert any("make run" in i.value for i in at.info)
+
+
+def test_an_older_store_is_upgraded_on_first_page_load(tmp_path, monkeypatch):
+    """A v3 store (written by an older Tessera) is upgraded in place by the app, not an error page."""
+    import streamlit as st
+
+    from core.store import SCHEMA_VERSION, Store
+    from tests.unit.test_store_layout import _make_v3
+
+    path = tmp_path / "old.duckdb"
+    _make_v3(path)
+    monkeypatch.setenv("TESSERA_DEMO_DIR", str(tmp_path / "demo"))
+    monkeypatch.setenv("TESSERA_STORE", str(path))
+    monkeypatch.chdir(ROOT)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    st.cache_resource.clear()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert any("no cohort yet" in i.value for i in at.info)
+    with Store(path, read_only=True) as store:
+        assert store.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+        assert store.run_ids(["f3a1", "0b7c", "9e22"]) == {"f3a1": 1, "0b7c": 2, "9e22": 3}

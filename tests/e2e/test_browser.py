@@ -75,7 +75,14 @@ def visit(page, url: str, shot: str, *, texts=(), selectors=(), click: str | Non
         page.locator(selector).first.wait_for(timeout=60_000)
     page.wait_for_timeout(1000)  # let plotly finish drawing before the screenshot
     page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
-    assert page.locator("[data-testid='stException']").count() == 0, shot
+    assert_clean(page, shot)
+
+
+def assert_clean(page, where: str) -> None:
+    """No traceback, and no error that the pages' guard caught as unexpected."""
+    assert page.locator("[data-testid='stException']").count() == 0, where
+    alerts = " | ".join(page.locator("[data-testid='stAlert']").all_inner_texts())
+    assert "Something went wrong" not in alerts, f"{where}: {alerts}"
 
 
 def test_pages_in_a_real_browser(server, page):
@@ -115,10 +122,10 @@ def test_uploaded_patch_in_a_real_browser(server, page, demo_env, tmp_path):
     page.get_by_text("patch.png:").first.wait_for(timeout=60_000)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "crossmodal_patch.png"), full_page=True)
-    assert page.locator("[data-testid='stException']").count() == 0
+    assert_clean(page, "patch upload")
     assert page.locator("[data-testid='stImage']").count() >= 1 + 12
 
     page.locator("input[type='file']").first.set_input_files(str(bad))
     page.get_by_text("Could not read notes.png as an image").first.wait_for(timeout=60_000)
-    assert page.locator("[data-testid='stException']").count() == 0
+    assert_clean(page, "non-image upload")
 

@@ -59,3 +59,29 @@ def test_a_stored_tile_uploaded_as_a_patch_finds_itself(demo_env):
         stored_expr = store.tile_profile(model.key, run["run_key"], int(row["tile_idx"]))
         np.testing.assert_allclose(out["expression"][model.genes].to_numpy(),
                                    stored_expr[model.genes].to_numpy(dtype=float), atol=1e-3)
+
+
+def test_patch_query_through_the_vector_index(demo_env, monkeypatch):
+    """The same query served by an IVF index (thresholds lowered to the tiny world's size)."""
+    import shutil
+
+    from core import tile_index
+
+    settings, _ = demo_env
+    model = load_model("demo-synthetic", settings.model_dirs)
+    px = int(model.card["input_px"])
+    monkeypatch.setattr(tile_index, "INDEX_MIN", 50)
+    try:
+        done = tile_index.refresh(settings.store_path, model.key, min_vectors=50, kind="ivf", nlist=8)
+        assert done[model.key].startswith("built")
+        with Store(settings.store_path, read_only=True) as store:
+            run_keys = list(store.model_runs(model.key)["run_key"])
+            run = store.find_run(run_keys[5])
+            row = store.heatmap(model.key, run["run_key"], model.genes[0]).iloc[0]
+            patch = tile_image(run["slide_path"], int(row["x"]), int(row["y"]), int(run["tile_size"]), px)
+            out = predict_patch(model, patch_tile(patch, float(model.card["mpp"]), float(model.card["tile_um"]), px)[0])
+            hits = similar_to_embedding(store, model.key, run_keys, out["embedding"], k=5)
+            assert hits.attrs["method"] == "index" and len(hits) == 5
+            assert (hits.iloc[0]["run_key"], hits.iloc[0]["tile_idx"]) == (run["run_key"], row["tile_idx"])
+    finally:
+        shutil.rmtree(tile_index.index_root(settings.store_path), ignore_errors=True)

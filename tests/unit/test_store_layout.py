@@ -6,6 +6,7 @@ import pytest
 
 from core.errors import StoreError
 from core.store import RunRecord, Store
+from core import tile_index
 from core.tile_index import index_root, refresh, similar_tiles
 
 GENES = ["ERBB2", "CD8A", "MKI67"]
@@ -127,7 +128,16 @@ def _exact(store, run_keys, run_key, tile_idx, k):
     return set(zip(index["run_key"].iloc[order], index["tile_idx"].iloc[order]))
 
 
-def test_similar_tiles_index_lifecycle(tmp_path):
+def test_rewriting_the_latest_run_still_gets_a_new_id(tmp_path):
+    with Store(tmp_path / "s.duckdb") as store:
+        key, runs = _fill(store, range(3))
+        record, *arrays = _run(2, 60)
+        assert store.write_run(RunRecord(**{**record.__dict__, "model_key": key}), *arrays) == 4
+        assert store.write_run(RunRecord(**{**record.__dict__, "model_key": key}), *arrays) == 5
+
+
+def test_similar_tiles_index_lifecycle(tmp_path, monkeypatch):
+    monkeypatch.setattr(tile_index, "INDEX_MIN", 1000)      # tiny world: index from 1,000 tiles on
     path = tmp_path / "s.duckdb"
     with Store(path) as store:
         key, runs = _fill(store, range(8), n=400)             # 3,200 tiles
@@ -166,13 +176,24 @@ def test_similar_tiles_index_lifecycle(tmp_path):
         assert similar_tiles(store, key, keys9, keys9[8], 3, k=10).attrs["method"] == "index"
         assert refresh(store, key, min_vectors=1000) == {key: "current"}
 
-        # a re-predicted run gets a new id: its old vectors in the index are never returned
-        record, *arrays = _run(1, 400, seed=0)
-        store.write_run(RunRecord(**{**record.__dict__, "model_key": key}), *arrays)
+        # the latest run re-predicted with other embeddings: new id, its old vectors never come back
+        record, *arrays = _run(8, 400, seed=0)
+        arrays[3] = np.roll(arrays[3], 1, axis=1)                  # different embeddings, same key
+        new_id = store.write_run(RunRecord(**{**record.__dict__, "model_key": key}), *arrays)
         ids = store.run_ids(keys9)
-        after = similar_tiles(store, key, keys9, keys9[1], 5, k=20)
+        assert ids[keys9[8]] == new_id and new_id not in tile_index.load(path, store.model_info(key)["pred_table"])[1]
+        after = similar_tiles(store, key, keys9, keys9[8], 5, k=10)
         assert set(after["run_id"]) <= set(ids.values())
         assert after.attrs["method"] == "index+exact"
+        truth = _exact(store, keys9, keys9[8], 5, 10)
+        assert len(set(zip(after["run_key"], after["tile_idx"])) & truth) >= 8
+        np.testing.assert_allclose(after["similarity"].iloc[0],
+                                   float(store.tile_embedding(after["run_key"].iloc[0], int(after["tile_idx"].iloc[0]))
+                                         @ store.tile_embedding(keys9[8], 5)), rtol=1e-5)
+        assert refresh(store, key, min_vectors=1000) == {key: "added 1 runs"}   # 1 stale of 9: no rebuild
+        # a small selection is searched exactly even though an index exists
+        monkeypatch.setattr(tile_index, "INDEX_MIN", 10_000)
+        assert similar_tiles(store, key, keys9, keys9[0], 0, k=10).attrs["method"] == "exact"
 
 
 def test_signature_is_the_mean_of_its_genes(tmp_path):
