@@ -54,8 +54,10 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="breast-her2st")
-    ap.add_argument("--slides", type=int, default=2)
-    ap.add_argument("--size", type=int, default=6720, help="slide side (level-0 px at 0.25 µm/px)")
+    ap.add_argument("--slides", type=int, default=3)
+    ap.add_argument("--size", type=int, default=13440,
+                    help="slide side (level-0 px at 0.25 µm/px): 13,440 px = 3.4 mm, 900 tiles of 112 µm; "
+                         "TCGA diagnostic slides hold 5-20k tissue tiles, so per-slide costs weigh less there")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
     threads = os.cpu_count() or 2
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
     device = resolve_device("cpu")
     onnx = create_runtime(model.module, device=device, input_px=px, kind="onnx", cache_dir=root / "cache" / "onnx",
                           version=f"{model.model_id}-{model.version}")
-    raw_onnx = _rate(lambda: onnx(x), args.batch_size)
+    raw_before = _rate(lambda: onnx(x), args.batch_size, repeats=5)
     eager = TorchRuntime(model.module, device)
     raw_eager = _rate(lambda: eager(x), args.batch_size, repeats=1)
 
@@ -86,6 +88,9 @@ def main(argv=None) -> None:
     n_tiles = sum(r.n_tiles for r in results)
     engine = n_tiles / engine_s
 
+    raw_after = _rate(lambda: onnx(x), args.batch_size, repeats=5)
+    raw_onnx = max(raw_before, raw_after)   # the fastest raw forward is the reference
+
     with Slide(slides[0]) as s, torch.inference_mode():
         n = 32
         t = time.perf_counter()
@@ -95,15 +100,16 @@ def main(argv=None) -> None:
             model.module(torch.from_numpy(tile[None]))
         naive = n / (time.perf_counter() - t)
 
-    rows = [("R1 raw forward, ONNX Runtime (in memory)", raw_onnx),
+    rows = [(f"R1 raw forward, ONNX Runtime (in memory; best of {raw_before:.0f} before, {raw_after:.0f} after E)",
+             raw_onnx),
             ("R2 raw forward, eager PyTorch (in memory)", raw_eager),
             ("R3 tile reading alone (1 process)", read_rate),
             (f"E  engine end to end ({n_tiles} tiles, {len(slides)} slides)", engine),
             ("N  naive per-tile read + predict loop", naive)]
     print(f"P1 · model {model.key} · {px} px tiles · {threads} CPU threads · batch {args.batch_size}")
-    print(f"{'figure':<58}{'tiles/s':>10}{'× R1':>8}")
+    print(f"{'figure':<72}{'tiles/s':>10}{'× R1':>8}")
     for name, value in rows:
-        print(f"{name:<58}{value:>10.1f}{value / raw_onnx:>8.2f}")
+        print(f"{name:<72}{value:>10.1f}{value / raw_onnx:>8.2f}")
     print(f"engine / raw ONNX = {engine / raw_onnx:.2f} (target ≥ 0.80); "
           f"ONNX max |Δ| vs PyTorch = {getattr(onnx, 'verified_difference', float('nan')):.1e}")
 

@@ -124,6 +124,15 @@ def refresh(store, model_key: str | None = None, *, min_vectors: int = INDEX_MIN
     return done
 
 
+def _covered(folder: Path) -> set[int] | None:
+    """The run ids the live index holds (None: no index)."""
+    try:
+        version = (folder / "current").read_text().strip()
+        return {int(r) for r in np.load(folder / version / "runs.npy")}
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
 def _built_for(folder: Path) -> int:
     """How many vectors the live index's cells were trained on (0 if unknown)."""
     try:
@@ -143,7 +152,10 @@ def _refresh_one(reading, store_path: Path, folder: Path, table: str, runs: pd.D
                  rebuild_stale: float, build_kw: dict) -> str:
     live = {int(r) for r in runs["run_id"]}
     total = int(runs["n_tiles"].sum())
-    current = load(store_path, table, mmap=False)
+    covered = _covered(folder)
+    if covered is not None and covered == live and rebuild_stale >= 0:
+        return "current"                             # nothing to do: do not even load the index
+    current = load(store_path, table, mmap=False) if covered is not None else None
     if current is not None:
         index, covered = current
         stale = len(covered - live) / max(len(covered), 1)
