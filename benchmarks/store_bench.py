@@ -286,7 +286,7 @@ def _pct(ms: list[float], p: float) -> float:
     return float(np.percentile(ms, p))
 
 
-def report(args, n_genes: int, fill_res: dict | None, queries: dict, export_s: float | None, idx: dict | None,
+def report(args, n_genes: int, fill_res: dict | None, queries: dict, idx: dict | None,
            store_bytes: int) -> str:
     n_tiles_total = args.slides * args.tiles
     lines = [f"store_bench: {args.slides} slides x {args.tiles} tiles = {n_tiles_total:,} tiles, "
@@ -353,14 +353,14 @@ def main(argv=None) -> None:
     store_bytes = _dir_bytes(store_path) + _dir_bytes(Path(str(store_path) + ".wal"))
     _log(f"store {store_bytes / 2**30:.2f} GiB; queries")
     queries = query_bench(store_path, cohort, args.slides, args.reps, args.budget, args.seed)
-    export_s, idx = None, None
+    idx = None
     if not args.skip_index:
         _log("similar-tiles index")
         idx = index_bench(store_path, cohort, args.slides, reuse=args.reuse, reps=args.reps,
                           budget_s=args.budget, seed=args.seed, codec=args.codec,
                           exact_max=EXACT_MAX if args.exact_max is None else args.exact_max)
     print()
-    print(report(args, len(cohort.genes), fill_res, queries, export_s, idx, store_bytes), flush=True)
+    print(report(args, len(cohort.genes), fill_res, queries, idx, store_bytes), flush=True)
 
 
 if __name__ == "__main__":

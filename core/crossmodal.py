@@ -26,8 +26,13 @@ def tile_profile(store, model_key: str, run_key: str, tile_idx: int, *, top: int
     """The tile's predicted panel, sorted, with each gene's z-score against the whole slide."""
     profile = store.tile_profile(model_key, run_key, tile_idx).astype(float)
     summary = store.slide_summary(model_key, list(profile.index), [run_key]).set_index("gene")
-    df = pd.DataFrame({"gene": profile.index, "predicted": profile.to_numpy()})
-    df["slide_mean"] = df["gene"].map(summary["mean"])
+    return _profile_table(profile, summary["mean"], top)
+
+
+def _profile_table(expression: pd.Series, baseline: pd.Series, top: int) -> pd.DataFrame:
+    """gene, predicted, slide_mean (the baseline), vs_slide; the ``top`` highest predicted."""
+    df = pd.DataFrame({"gene": expression.index, "predicted": expression.to_numpy(dtype=float)})
+    df["slide_mean"] = df["gene"].map(baseline)
     df["vs_slide"] = df["predicted"] - df["slide_mean"]
     return df.sort_values("predicted", ascending=False).head(top).reset_index(drop=True)
 
@@ -87,11 +92,7 @@ def patch_profile(store, model_key: str, run_keys: list[str], expression: pd.Ser
                   top: int = 20) -> pd.DataFrame:
     """A patch's predicted panel, sorted, against the cohort (mean over slides of slide means)."""
     summary = store.slide_summary(model_key, list(expression.index), run_keys)
-    cohort_mean = summary.groupby("gene")["mean"].mean()
-    df = pd.DataFrame({"gene": expression.index, "predicted": expression.to_numpy(dtype=float)})
-    df["slide_mean"] = df["gene"].map(cohort_mean)
-    df["vs_slide"] = df["predicted"] - df["slide_mean"]
-    return df.sort_values("predicted", ascending=False).head(top).reset_index(drop=True)
+    return _profile_table(expression, summary.groupby("gene")["mean"].mean(), top)
 
 
 def similar_to_embedding(store, model_key: str, run_keys: list[str], embedding: np.ndarray, *,

@@ -28,6 +28,10 @@ class StoreError(TesseraError):
     """The DuckDB store is missing, locked or of an unknown schema version."""
 
 
+class OutdatedStoreError(StoreError):
+    """The store was written by an older Tessera; opening it once for writing upgrades it."""
+
+
 class ModelNotFoundError(TesseraError):
     """No checkpoint with that id in the model search path."""
 

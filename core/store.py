@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from core.errors import StoreError
+from core.errors import OutdatedStoreError, StoreError
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 4
@@ -185,12 +185,14 @@ class Store:
         except duckdb.CatalogException:
             row = None
         version = int(row[0]) if row else None
-        if version != SCHEMA_VERSION:
-            raise StoreError(
+        if version is None or version < SCHEMA_VERSION:
+            raise OutdatedStoreError(
                 f"The store {self.path.name} has schema v{version or '?'}; this Tessera reads v{SCHEMA_VERSION}. "
-                "Open it once for writing to upgrade it in place (`python -m core.cli migrate`, or any page "
-                "that saves something)." if version is None or version < SCHEMA_VERSION else
-                f"The store {self.path.name} has schema v{version}, newer than this Tessera (v{SCHEMA_VERSION}).")
+                "Open it once for writing to upgrade it in place (`python -m core.cli migrate`; the app does it "
+                "on its next page load).")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"The store {self.path.name} has schema v{version}, newer than this Tessera "
+                             f"(v{SCHEMA_VERSION}).")
 
     def _columns(self, table: str) -> list[str]:
         return [r[0] for r in self.con.execute(
@@ -527,6 +529,13 @@ class Store:
         finally:
             self.con.unregister("_want")
 
+    def has_nuclei(self, run_key: str) -> bool:
+        """Whether the job that made this run counted nuclei (cheap: one row)."""
+        if "nuclei" not in self._columns("tile_vectors"):
+            return False
+        return self._one("SELECT 1 FROM tile_vectors WHERE run_id = ? AND nuclei IS NOT NULL LIMIT 1",
+                         [self._run_id(run_key)]) is not None
+
     def tile_nuclei(self, run_key: str) -> pd.DataFrame | None:
         """Per tile of a run: tile_idx, x, y and the nucleus count of each class (columns
         ``n0 … n{C-1}``, in ``core.nuclei_classes.CLASSES`` order), or None when the job that
@@ -570,9 +579,11 @@ class Store:
         genes = [genes] if isinstance(genes, str) else list(genes)
         if not genes:
             raise StoreError("No gene given.")
-        table = ""
-        for gene in genes:
-            table = self._pred_table(model_key, gene)
+        info = self.model_info(model_key)
+        missing = [g for g in genes if g not in info["genes"]]
+        if missing:
+            raise StoreError(f"{', '.join(missing)} not in the panel of {model_key}.")
+        table = info["pred_table"]
         if len(genes) == 1:
             return table, _ident(genes[0])
         return table, "(" + " + ".join(_ident(g) for g in genes) + f") / {len(genes)}"

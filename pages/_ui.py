@@ -126,6 +126,17 @@ def model(model_key: str):
     return loaded
 
 
+@st.cache_data(show_spinner="Running the model on the patch…", max_entries=16)
+def patch_prediction(model_key: str, data: bytes, name: str, mpp: float, tile_um: float) -> dict:
+    """An uploaded patch → the model's tile, a note on the crop, and the model's outputs; cached so
+    that widget reruns do not run the model again."""
+    from core.crossmodal import patch_tile, predict_patch
+
+    loaded = model(model_key)
+    tile, note = patch_tile(read_image(data, name), mpp, tile_um, int(loaded.card["input_px"]))
+    return {"tile": tile, "note": note, **predict_patch(loaded, tile)}
+
+
 def read_image(data: bytes, name: str):
     """An uploaded image as an RGB(A) uint8 array, or a clear error."""
     import io
@@ -163,14 +174,16 @@ def ingest_pending() -> int:
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def _needs_upgrade(path: str, mtime: float) -> bool:
-    from core.store import SCHEMA_VERSION, Store
-    from core.errors import StoreError
+    from core.errors import OutdatedStoreError, StoreError
+    from core.store import Store
 
     try:
         with Store(path, read_only=True):
             return False
-    except StoreError as exc:
-        return f"reads v{SCHEMA_VERSION}" in str(exc)
+    except OutdatedStoreError:
+        return True
+    except StoreError:      # busy for a moment: the page's own queries wait and report it
+        return False
 
 
 def upgrade_store_if_needed() -> None:

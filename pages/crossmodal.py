@@ -16,10 +16,6 @@ def gallery(df, caption_col: str, n_cols: int = 6) -> None:
 
 def patch_query(model_key: str, run_keys: tuple):
     """Upload → the model's tile → predicted profile (vs the cohort) → the most similar tiles."""
-    import numpy as np
-
-    from core.crossmodal import patch_profile, patch_tile, predict_patch
-
     tile_um, model_mpp = _ui.model_tiling(model_key)
     c1, c2 = st.columns([2, 1])
     upload = c1.file_uploader("H&E patch (PNG, JPEG or TIFF)", type=["png", "jpg", "jpeg", "tif", "tiff"],
@@ -30,18 +26,14 @@ def patch_query(model_key: str, run_keys: tuple):
     if upload is None:
         st.caption(f"Upload a patch of at least {tile_um / 2:.0f} µm; its centre {tile_um:.0f} µm is used.")
         return None
-    image = _ui.read_image(upload.getvalue(), upload.name)
-    loaded = _ui.model(model_key)
-    tile, note = patch_tile(image, mpp, tile_um, int(loaded.card["input_px"]))
-    out = predict_patch(loaded, tile)
+    out = _ui.patch_prediction(model_key, upload.getvalue(), upload.name, float(mpp), tile_um)
     left, right = st.columns([1, 2])
-    left.image(tile, caption=f"{upload.name}: {note}", width="stretch")
+    left.image(out["tile"], caption=f"{upload.name}: {out['note']}", width="stretch")
     profile = _ui.query("core.crossmodal:patch_profile", model_key, list(run_keys), out["expression"])
     right.plotly_chart(profile_bars(profile), width="stretch", key="xm_patch_profile")
     st.caption("Bars: predicted log1p(CP10k); red = above the cohort's mean of slide means.")
     st.subheader("Most similar tiles across the cohort")
-    return _ui.query("core.crossmodal:similar_to_embedding", model_key, list(run_keys),
-                     np.asarray(out["embedding"]))
+    return _ui.query("core.crossmodal:similar_to_embedding", model_key, list(run_keys), out["embedding"])
 
 
 st.header("Cross-modal")

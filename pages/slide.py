@@ -27,7 +27,7 @@ def pick_layer(model: str, row, key: str, default: str, has_nuclei: bool) -> str
 def heatmap(model: str, row, key: str, default: str, opacity: float) -> None:
     from core.maps import layer_title
 
-    has_nuclei = _ui.query("store:tile_nuclei", row["run_key"]) is not None
+    has_nuclei = _ui.query("store:has_nuclei", row["run_key"])
     layer = pick_layer(model, row, key, default, has_nuclei)
     tile_um, _ = _ui.model_tiling(model)
     tiles = _ui.query("core.maps:layer_tiles", model, row["run_key"], layer, tile_um)

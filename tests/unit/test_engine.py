@@ -207,6 +207,7 @@ def test_nuclei_counted_in_the_loader_workers(world, tmp_path, monkeypatch):
     assert again.status == "cached" and again.run_key == counted.run_key
     with Store(store, read_only=True) as s:
         assert s.tile_nuclei(plain.run_key) is None
+        assert s.has_nuclei(counted.run_key) and not s.has_nuclei(plain.run_key)
         nuc = s.tile_nuclei(counted.run_key)
         run = s.find_run(counted.run_key)
     assert len(nuc) == counted.n_tiles and [c for c in nuc.columns if c.startswith("n")] == \
