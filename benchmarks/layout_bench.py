@@ -5,14 +5,14 @@
 Takes the first ``--slides`` runs of the simulated store that ``benchmarks.store_bench`` filled
 (``DIR/store.duckdb``) and writes them, in two scratch DuckDB files (deleted at the end), in two layouts:
 
-- wide: what ``core.store`` uses, ``(run_id, tile_idx, x, y, <one REAL column per gene>)``;
+- wide: what ``core.store.db`` uses, ``(run_id, tile_idx, x, y, <one REAL column per gene>)``;
 - long: ``(run_id, tile_idx, gene_id SMALLINT, value REAL)``, rows in the order an engine writes
   them (run, tile, gene), plus a ``genes`` lookup table.
 
 Then times the two page queries that read predictions, on each: the heatmap (one gene of one
 slide, with x/y) and the cohort top-24 of one gene over every run; prints p50/p95 and the size of
 each layout. This module only reads the product's store file and builds scratch tables; the
-product itself keeps all SQL in ``core/store.py``.
+product itself keeps all SQL in ``core/store/db.py``.
 """
 from __future__ import annotations
 

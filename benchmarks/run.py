@@ -47,9 +47,9 @@ def main(argv=None) -> None:
     import torch
 
     from core.config import load_settings
-    from core.modelhub import load_model
-    from core.predict import predict_slides, resolve_device
-    from core.slides import Slide, tile_grid
+    from core.engine.modelhub import load_model
+    from core.engine.predict import predict_slides, resolve_device
+    from core.wsi.slide import Slide, tile_grid
     from models.runtime import TorchRuntime, create_runtime
 
     ap = argparse.ArgumentParser()

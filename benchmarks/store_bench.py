@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.store_bench [--slides 1000] [--tiles 10000] [--path DIR] [--reuse]``
 
-1. Fill ``DIR/store.duckdb`` through the real :class:`core.store.Store` API (``register_model``
+1. Fill ``DIR/store.duckdb`` through the real :class:`core.store.db.Store` API (``register_model``
    + one ``write_run`` per slide) with the real panel (the genes of
    ``models/weights/breast-her2st/card.json``): tiles on a grid inside a tissue blob, a 9-type
    composition and an expression made like the model makes it (composition x type profiles on a
@@ -11,9 +11,9 @@
 2. Time, on a read-only Store, the dashboard's queries: heatmap (one gene, one slide), cohort
    top-24 for one gene over every run, the per-slide summary for a few genes over every run,
    and one slide's tile vectors.
-3. Build the model's similar-tiles index as the product does (:func:`core.tile_index.refresh`,
+3. Build the model's similar-tiles index as the product does (:func:`core.store.tile_index.refresh`,
    beside the store in ``DIR/store.duckdb.index/``), time the Cross-modal page's query
-   (:func:`core.crossmodal.similar_tiles`, top-24) against exact brute force over every embedding,
+   (:func:`core.analysis.crossmodal.similar_tiles`, top-24) against exact brute force over every embedding,
    with recall@24.
 
 ``--reuse`` keeps an existing store (resuming a partial fill) and index. Peak memory is about
@@ -68,7 +68,7 @@ class Cohort:
         self.latent_emb = rng.normal(0, 1, size=(N_LATENT, EMB_DIM)) / np.sqrt(EMB_DIM) * 0.8
 
     def run_key(self, i: int) -> str:
-        """Random-looking 24-hex keys, like ``core.predict.run_key_for``."""
+        """Random-looking 24-hex keys, like ``core.engine.predict.run_key_for``."""
         return hashlib.blake2b(f"bench|{self.seed}|{i}".encode(), digest_size=12).hexdigest()
 
     def slide(self, i: int) -> SlideData:
@@ -145,7 +145,7 @@ def _log(msg: str) -> None:
 
 # -- the steps ---------------------------------------------------------------------------------------
 def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory_limit: str) -> dict:
-    from core.store import RunRecord, Store
+    from core.store.db import RunRecord, Store
 
     card = json.loads(CARD.read_text())
     if store_path.exists() and not reuse:
@@ -184,7 +184,7 @@ def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory
 
 
 def query_bench(store_path: Path, cohort: Cohort, n_slides: int, reps: int, budget_s: float, seed: int) -> dict:
-    from core.store import Store
+    from core.store.db import Store
 
     rng = np.random.default_rng(seed)
     run_keys = [cohort.run_key(i) for i in range(n_slides)]
@@ -223,13 +223,13 @@ def query_bench(store_path: Path, cohort: Cohort, n_slides: int, reps: int, budg
 def index_bench(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, reps: int, budget_s: float,
                 seed: int, codec: str, exact_max: int) -> dict:
     """Build (or bring up to date) the model's similar-tiles index the way the product does
-    (:func:`core.tile_index.refresh`), time the page's query end to end
-    (:func:`core.crossmodal.similar_tiles`: run ids, query vector, index search, cohort filter,
+    (:func:`core.store.tile_index.refresh`), time the page's query end to end
+    (:func:`core.analysis.crossmodal.similar_tiles`: run ids, query vector, index search, cohort filter,
     tile lookup) against exact numpy search over every embedding, and measure recall@24."""
-    from core.crossmodal import similar_tiles
-    from core.store import Store
-    from core.tile_index import index_root, load, refresh
-    from core.vector_index import VectorIndex, recall_at_k
+    from core.analysis.crossmodal import similar_tiles
+    from core.store.db import Store
+    from core.store.tile_index import index_root, load, refresh
+    from core.store.vector_index import VectorIndex, recall_at_k
 
     out: dict = {}
     with Store(store_path, read_only=True) as store:
@@ -304,7 +304,7 @@ def report(args, n_genes: int, fill_res: dict | None, queries: dict, idx: dict |
         lines.append(f"opening the store for writing (incl. any schema upgrade): {fill_res['open_s']:.1f} s")
     if idx:
         lines.append(f"embedding export via Store.embeddings: {idx['export_s']:.0f} s")
-        lines.append(f"index (core.tile_index.refresh): {idx['refresh']} in {idx['refresh_s']:.0f} s; {idx['kind']} "
+        lines.append(f"index (core.store.tile_index.refresh): {idx['refresh']} in {idx['refresh_s']:.0f} s; {idx['kind']} "
                      f"codec={idx['codec']} quantizer={idx['quantizer']} nlist={idx['nlist']} nprobe={idx['nprobe']}; "
                      f"size {idx['index_bytes'] / 2**20:.0f} MiB; similar_tiles searched by {idx['method']}; "
                      f"recall@24 vs exact {idx['recall']:.3f} "
@@ -341,7 +341,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
-    from core.vector_index import EXACT_MAX
+    from core.store.vector_index import EXACT_MAX
 
     card = json.loads(CARD.read_text())
     cohort = Cohort(list(card["genes"]), list(card["cell_types"]), args.tiles, seed=args.seed)

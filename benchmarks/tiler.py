@@ -9,11 +9,11 @@ in px/cm so OpenSlide reports µm/px), streamed tile by tile so memory stays bou
 tissue tiles of 112 µm at 1.0 µm/px, sampled evenly over the grid, it times:
 
   naive   ``OpenSlide.read_region`` at level 0 of the full 448 px tile, RGB, PIL resize, one by one
-  tiler   ``core.slides.Slide.read_region`` (best pyramid level, then resize), 1 process
+  tiler   ``core.wsi.slide.Slide.read_region`` (best pyramid level, then resize), 1 process
   tiler   the same in a ``multiprocessing`` pool, each worker holding its own OpenSlide handle
 
-and the tissue step over the whole slide: thumbnail at 8 µm/px, ``core.tissue.detect_tissue``,
-``tile_tissue_fraction`` over the full grid, each timed, then ``core.slides.tile_grid`` end to end.
+and the tissue step over the whole slide: thumbnail at 8 µm/px, ``core.wsi.tissue.detect_tissue``,
+``tile_tissue_fraction`` over the full grid, each timed, then ``core.wsi.slide.tile_grid`` end to end.
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def _naive(path: Path, xy: np.ndarray, size: int, out_px: int) -> tuple[float, l
 
 
 def _tiler(path: Path, xy: np.ndarray, size: int, out_px: int) -> tuple[float, list[np.ndarray]]:
-    from core.slides import Slide
+    from core.wsi.slide import Slide
 
     with Slide(path) as slide:
         _ = slide.level_downsamples  # open the handle outside the timed loop
@@ -145,7 +145,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(path: str, size: int, out_px: int) -> None:
-    from core.slides import Slide
+    from core.wsi.slide import Slide
 
     _WORKER.update(slide=Slide(path), size=size, out_px=out_px)
     _ = _WORKER["slide"].level_downsamples
@@ -186,8 +186,8 @@ def _grid_xy(width: int, height: int, size: int) -> np.ndarray:
 
 def tissue_step(path: Path, *, tile_um: float = 112.0, mask_mpp: float = 8.0, min_tissue: float = 0.3):
     """Time thumbnail → detect_tissue → tile fractions over the full grid; returns (timings, xy, size)."""
-    from core.slides import Slide, TilingParams, tile_grid
-    from core.tissue import detect_tissue, tile_tissue_fraction
+    from core.wsi.slide import Slide, TilingParams, tile_grid
+    from core.wsi.tissue import detect_tissue, tile_tissue_fraction
 
     times = {}
     with Slide(path) as slide:
@@ -298,7 +298,7 @@ def _print_readers(runs: dict, n: int, workers: int, repeat: int) -> None:
 def main(argv=None) -> None:
     args = _args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from core.slides import Slide
+    from core.wsi.slide import Slide
 
     path, build = _ensure_slide(args)
     with Slide(path) as s:

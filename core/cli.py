@@ -9,7 +9,7 @@ from pathlib import Path
 
 from core.config import load_settings
 from core.errors import TesseraError
-from core.loso import METHODS
+from core.training.loso import METHODS
 
 log = logging.getLogger("tessera")
 
@@ -81,7 +81,7 @@ def cmd_predict(args) -> int:
     progress, stop = _tqdm_progress("predict"), _cancel_on_sigterm()
     if not args.job_file:
         return _predict(args, progress, stop)[0]
-    from core.jobs import job_reporter  # started by the app: report to its status file, honour cancel
+    from core.engine.jobs import job_reporter  # started by the app: report to its status file, honour cancel
 
     report, cancel_requested, finish = job_reporter(args.job_file)
     try:
@@ -94,8 +94,8 @@ def cmd_predict(args) -> int:
 
 
 def _predict(args, progress, stop) -> tuple[int, str]:
-    from core.modelhub import load_model
-    from core.predict import StoreAccess, predict_cohort
+    from core.engine.modelhub import load_model
+    from core.engine.predict import StoreAccess, predict_cohort
 
     settings = load_settings(store_path=args.store, device=args.device)
     model = load_model(args.model or settings.default_model, settings.model_dirs)
@@ -110,7 +110,7 @@ def _predict(args, progress, stop) -> tuple[int, str]:
                    min_tissue=args.min_tissue, runtime=args.runtime, ingest_wait_s=args.ingest_wait,
                    nuclei=args.nuclei)
     if args.engine == "ray":
-        from core.distributed import predict_cohort_ray
+        from core.engine.distributed import predict_cohort_ray
 
         results = predict_cohort_ray(settings.store_path, args.cohort, model, address=args.ray_address, **options)
     else:
@@ -125,7 +125,7 @@ def _predict(args, progress, stop) -> tuple[int, str]:
 
 
 def _mapping(args):
-    from core.clinical import ColumnMapping
+    from core.cohort.clinical import ColumnMapping
 
     if not args.patient_col:
         return None
@@ -147,9 +147,9 @@ def print_report(report) -> None:
 
 
 def cmd_import(args) -> int:
-    from core.importer import import_cohort, read_mpp_overrides
-    from core.slides import TilingParams
-    from core.store import Store
+    from core.cohort.importer import import_cohort, read_mpp_overrides
+    from core.wsi.slide import TilingParams
+    from core.store.db import Store
 
     settings = load_settings(store_path=args.store)
     overrides = read_mpp_overrides(args.mpp) if args.mpp else None
@@ -162,7 +162,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_migrate(args) -> int:
-    from core.store import SCHEMA_VERSION, Store
+    from core.store.db import SCHEMA_VERSION, Store
 
     settings = load_settings(store_path=args.store)
     with Store(settings.store_path, wait_s=args.wait) as store:
@@ -172,8 +172,8 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_index(args) -> int:
-    from core.store import Store
-    from core.tile_index import refresh
+    from core.store.db import Store
+    from core.store.tile_index import refresh
 
     settings = load_settings(store_path=args.store)
     with Store(settings.store_path, read_only=True, wait_s=args.wait) as store:
@@ -191,8 +191,8 @@ def cmd_index(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from core.evaluation import evaluate
-    from core.modelhub import load_model
+    from core.training.evaluation import evaluate
+    from core.engine.modelhub import load_model
 
     settings = load_settings()
     dirs = (args.model_dir, *settings.model_dirs) if args.model_dir else settings.model_dirs
@@ -207,9 +207,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_loso(args) -> int:
-    from core.loso import format_table, prepare, run_loso, write_report
-    from core.stdata import find_sections, panel_genes
-    from core.training import read_reference, reference_profiles
+    from core.training.loso import format_table, prepare, run_loso, write_report
+    from core.training.stdata import find_sections, panel_genes
+    from core.training.fit import read_reference, reference_profiles
 
     sections = find_sections(args.st)
     genes = panel_genes(sections, args.panel)
@@ -233,9 +233,9 @@ def cmd_train_st(args) -> int:
     """Train the release fusion model on every section found (no held-out: see `loso` for that)."""
     import time
 
-    from core.loso import fusion_fit, prepare
-    from core.stdata import find_sections, panel_genes
-    from core.training import read_reference, reference_profiles
+    from core.training.loso import fusion_fit, prepare
+    from core.training.stdata import find_sections, panel_genes
+    from core.training.fit import read_reference, reference_profiles
     from models.scist import ModelCard, save_checkpoint
 
     started = time.perf_counter()

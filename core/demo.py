@@ -32,8 +32,8 @@ def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 40)
     """Train the demo model on the world's ST sections, holding the last one out for metrics."""
     import anndata as ad
 
-    from core.stdata import find_sections
-    from core.training import reference_profiles, train_on_sections, training_section
+    from core.training.stdata import find_sections
+    from core.training.fit import reference_profiles, train_on_sections, training_section
     from models.scist import ModelCard, save_checkpoint
 
     out = demo_dir / "models" / DEMO_MODEL
@@ -65,10 +65,10 @@ def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 40)
 def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: int = 40,
                progress=None) -> dict:
     """Run every step; returns counts of computed vs cached slides and the timings."""
-    from core.importer import import_cohort
-    from core.modelhub import load_model
-    from core.predict import predict_cohort
-    from core.store import Store
+    from core.cohort.importer import import_cohort
+    from core.engine.modelhub import load_model
+    from core.engine.predict import predict_cohort
+    from core.store.db import Store
 
     timings = {}
     t = time.perf_counter()

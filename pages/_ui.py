@@ -37,7 +37,7 @@ def _mtime(path: Path) -> float:
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def _cached_call(path: str, mtime: float, target: str, args: tuple, kwargs: tuple):
-    from core.store import Store
+    from core.store.db import Store
 
     module, name = target.split(":")
     with Store(path, read_only=True) as store:
@@ -48,7 +48,7 @@ def _cached_call(path: str, mtime: float, target: str, args: tuple, kwargs: tupl
 def query(target: str, *args, **kwargs):
     """Call ``module:function(store, *args)`` on a read-only store, cached until the store changes.
 
-    ``target`` may also be ``store:<method>`` for a :class:`core.store.Store` method.
+    ``target`` may also be ``store:<method>`` for a :class:`core.store.db.Store` method.
     """
     path = store_path()
     return _cached_call(str(path), _mtime(path), target, args, tuple(sorted(kwargs.items())))
@@ -57,7 +57,7 @@ def query(target: str, *args, **kwargs):
 @contextlib.contextmanager
 def write_store():
     """A short-lived read-write connection for the few actions that change the store."""
-    from core.store import Store
+    from core.store.db import Store
 
     with Store(store_path()) as store:
         yield store
@@ -66,14 +66,14 @@ def write_store():
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def preview(slide_path: str, tile_um: float, mpp: float, mpp_override: float | None):
-    from core.slides import TilingParams, preview as render
+    from core.wsi.slide import TilingParams, preview as render
 
     return render(slide_path, TilingParams(tile_um=tile_um, mpp=mpp), mpp_override=mpp_override)
 
 
 def mpp_fix_form(cohort: str, slide_name: str, slide_path: str, key: str) -> None:
     """Let the user state a slide's µm/px; the slide is re-probed and becomes predictable."""
-    from core.importer import fix_slide_mpp
+    from core.cohort.importer import fix_slide_mpp
 
     with st.form(key=f"mppfix_{key}"):
         st.write(f"**{slide_name}** has no µm/px in its metadata. Typical values: 0.25 (40×), 0.5 (20×).")
@@ -98,7 +98,7 @@ def flash() -> None:
 def thumbnail(slide_path: str, max_px: int = 1024):
     import numpy as np
 
-    from core.slides import Slide
+    from core.wsi.slide import Slide
 
     with Slide(slide_path) as slide:
         return np.asarray(slide.thumbnail(max_px)), slide.dimensions
@@ -106,7 +106,7 @@ def thumbnail(slide_path: str, max_px: int = 1024):
 
 @st.cache_data(show_spinner=False, max_entries=2048)
 def tile_image(slide_path: str, x: int, y: int, size: int, out_px: int = 192):
-    from core.crossmodal import tile_image as read
+    from core.analysis.crossmodal import tile_image as read
 
     return read(slide_path, int(x), int(y), int(size), out_px)
 
@@ -115,7 +115,7 @@ def tile_image(slide_path: str, x: int, y: int, size: int, out_px: int = 192):
 def model(model_key: str):
     """The checkpoint behind ``model_key`` (``id@version``), for queries that run the model
     (an uploaded patch). The version on disk must be the one whose predictions are in the store."""
-    from core.modelhub import load_model
+    from core.engine.modelhub import load_model
 
     model_id, _, version = model_key.partition("@")
     loaded = load_model(model_id, settings().model_dirs)
@@ -130,7 +130,7 @@ def model(model_key: str):
 def patch_prediction(model_key: str, data: bytes, name: str, mpp: float, tile_um: float) -> dict:
     """An uploaded patch → the model's tile, a note on the crop, and the model's outputs; cached so
     that widget reruns do not run the model again."""
-    from core.crossmodal import patch_tile, predict_patch
+    from core.analysis.crossmodal import patch_tile, predict_patch
 
     loaded = model(model_key)
     tile, note = patch_tile(read_image(data, name), mpp, tile_um, int(loaded.card["input_px"]))
@@ -157,7 +157,7 @@ def read_image(data: bytes, name: str):
 def ingest_pending() -> int:
     """Bring finished runs of background/CLI jobs from the spool into the store (when the lock is
     free for a moment; otherwise they wait for the next page load). Returns how many."""
-    from core.predict import StoreAccess
+    from core.engine.predict import StoreAccess
 
     access = StoreAccess(store_path())
     if not access.spool.complete_runs():
@@ -175,7 +175,7 @@ def ingest_pending() -> int:
 @st.cache_data(show_spinner=False, max_entries=4)
 def _needs_upgrade(path: str, mtime: float) -> bool:
     from core.errors import OutdatedStoreError, StoreError
-    from core.store import Store
+    from core.store.db import Store
 
     try:
         with Store(path, read_only=True):
@@ -192,7 +192,7 @@ def upgrade_store_if_needed() -> None:
     path = store_path()
     if not _needs_upgrade(str(path), _mtime(path)):
         return
-    from core.store import Store
+    from core.store.db import Store
 
     with st.spinner("Upgrading the store to this version's layout (once)…"):
         with Store(path, wait_s=10.0):
@@ -232,7 +232,7 @@ def require_model(model: str | None) -> None:
 def model_tiling(model_key: str | None) -> tuple[float, float]:
     """(tile µm, µm/px) of the model, or the default tiling when there is no model yet."""
     if model_key is None:
-        from core.slides import TilingParams
+        from core.wsi.slide import TilingParams
 
         return TilingParams().tile_um, TilingParams().mpp
     card = query("store:model_info", model_key)["card"]

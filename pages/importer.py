@@ -22,7 +22,7 @@ def saved_upload(upload, folder: Path) -> Path:
 
 def mapping_widgets(clinical_path: Path):
     """For generic tables: choose the patient, time and event columns."""
-    from core.clinical import ColumnMapping, preview_columns, suggest_mapping
+    from core.cohort.clinical import ColumnMapping, preview_columns, suggest_mapping
 
     columns = preview_columns(clinical_path)
     guess = suggest_mapping(columns)
@@ -50,7 +50,7 @@ def mapping_widgets(clinical_path: Path):
 
 
 def import_form() -> None:
-    from core.importer import import_cohort, read_mpp_overrides
+    from core.cohort.importer import import_cohort, read_mpp_overrides
 
     uploads = _ui.settings().data_dir / "uploads"
     name = st.text_input("Cohort name", value="my-cohort", key="imp_name")

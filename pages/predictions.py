@@ -11,8 +11,8 @@ with _ui.guard():
     _ui.flash()
     cohort, _ = _ui.sidebar()
     if cohort:
-        from core.jobs import start_job
-        from core.modelhub import list_models
+        from core.engine.jobs import start_job
+        from core.engine.modelhub import list_models
 
         models = list(list_models(_ui.settings().model_dirs))
         if not models:
@@ -44,7 +44,7 @@ with _ui.guard():
 
     @st.fragment(run_every=1.0)
     def jobs_panel():
-        from core.jobs import list_jobs
+        from core.engine.jobs import list_jobs
 
         if _ui.ingest_pending():
             st.toast("New predictions are in the store.")

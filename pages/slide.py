@@ -2,13 +2,13 @@
 side by side); the tissue mask and tile grid preview."""
 import streamlit as st
 
-from core.plots import heatmap_overlay
+from core.analysis.plots import heatmap_overlay
 from pages import _ui
 
 
 def pick_layer(model: str, row, key: str, default: str, has_nuclei: bool) -> str:
     """A gene, a signature, or (when the run counted them) a class of nuclei."""
-    from core.maps import nuclei_layers, parse_signature
+    from core.analysis.maps import nuclei_layers, parse_signature
 
     genes = _ui.genes(model)
     options = [f"gene:{g}" for g in genes] + ["sig:"] + (nuclei_layers() if has_nuclei else [])
@@ -25,12 +25,12 @@ def pick_layer(model: str, row, key: str, default: str, has_nuclei: bool) -> str
 
 
 def heatmap(model: str, row, key: str, default: str, opacity: float) -> None:
-    from core.maps import layer_title
+    from core.analysis.maps import layer_title
 
     has_nuclei = _ui.query("store:has_nuclei", row["run_key"])
     layer = pick_layer(model, row, key, default, has_nuclei)
     tile_um, _ = _ui.model_tiling(model)
-    tiles = _ui.query("core.maps:layer_tiles", model, row["run_key"], layer, tile_um)
+    tiles = _ui.query("core.analysis.maps:layer_tiles", model, row["run_key"], layer, tile_um)
     title = layer_title(layer)
     thumb, dims = _ui.thumbnail(row["slide_path"], 1024)
     fig = heatmap_overlay(thumb, dims, tiles, int(row["tile_size"]), title=title.split(" (")[0], opacity=opacity,

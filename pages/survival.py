@@ -1,10 +1,10 @@
 """Survival: a predicted biomarker split at the median, KM curves, log-rank p, Cox HR (95 % CI)."""
 import streamlit as st
 
-from core.biomarkers import STATS
-from core.cohort import ENDPOINTS
-from core.plots import km_figure
-from core.survival import split_survival
+from core.analysis.biomarkers import STATS
+from core.cohort.barcodes import ENDPOINTS
+from core.analysis.plots import km_figure
+from core.analysis.survival import split_survival
 from pages import _ui
 
 st.header("Survival")
@@ -19,7 +19,7 @@ with _ui.guard():
         stat = c3.selectbox("Slide statistic", list(STATS), key="sv_stat",
                             help="morans_i: spatial heterogeneity; frac_high: share of tiles above the cohort's 75th percentile")
         split = c4.selectbox("Split", ["median", "tertile"], key="sv_split")
-        data = _ui.query("core.biomarkers:survival_table", cohort, model, gene, endpoint, stat=stat)
+        data = _ui.query("core.analysis.biomarkers:survival_table", cohort, model, gene, endpoint, stat=stat)
         result = split_survival(data, gene, endpoint, split=split)
         m1, m2, m3, m4 = st.columns(4)
         m1.metric("Patients (events)", f"{result.n} ({result.events})")

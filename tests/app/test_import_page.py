@@ -66,8 +66,8 @@ def test_bad_folder_is_a_clear_message(app, shared_data):
 
 
 def test_slide_page_previews_mask_and_grid_of_a_real_svs(app, cohort_dir, shared_data):  # noqa: F811
-    from core.importer import import_cohort
-    from core.store import Store
+    from core.cohort.importer import import_cohort
+    from core.store.db import Store
     import os
 
     with Store(os.environ["TESSERA_STORE"]) as store:

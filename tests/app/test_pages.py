@@ -117,7 +117,7 @@ def test_an_older_store_is_upgraded_on_first_page_load(tmp_path, monkeypatch):
     """A v3 store (written by an older Tessera) is upgraded in place by the app, not an error page."""
     import streamlit as st
 
-    from core.store import SCHEMA_VERSION, Store
+    from core.store.db import SCHEMA_VERSION, Store
     from tests.unit.test_store_layout import _make_v3
 
     path = tmp_path / "old.duckdb"

@@ -5,7 +5,7 @@ from tests.app.test_pages import app_env, monkeypatch_module, run_page  # noqa: 
 
 
 def test_start_job_from_the_page_and_watch_it_finish(app_env):  # noqa: F811
-    from core.jobs import list_jobs
+    from core.engine.jobs import list_jobs
 
     at = run_page("pages/predictions.py")
     assert not at.exception
@@ -21,7 +21,7 @@ def test_start_job_from_the_page_and_watch_it_finish(app_env):  # noqa: F811
 
 
 def test_second_request_attaches_then_cancel(app_env):  # noqa: F811
-    from core.jobs import start_job
+    from core.engine.jobs import start_job
 
     store = app_env.store_path
     # --force recomputes every slide: long enough to attach to and cancel

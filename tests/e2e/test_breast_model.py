@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from core.config import REPO_ROOT
-from core.importer import import_cohort
-from core.modelhub import load_model
-from core.predict import predict_cohort
-from core.store import Store
+from core.cohort.importer import import_cohort
+from core.engine.modelhub import load_model
+from core.engine.predict import predict_cohort
+from core.store.db import Store
 
 WEIGHTS = REPO_ROOT / "models" / "weights"
 

@@ -101,8 +101,8 @@ def test_uploaded_patch_in_a_real_browser(server, page, demo_env, tmp_path):
     that is not an image gives a clear message, not a traceback."""
     from PIL import Image
 
-    from core.crossmodal import tile_image
-    from core.store import Store
+    from core.analysis.crossmodal import tile_image
+    from core.store.db import Store
 
     settings, _ = demo_env
     with Store(settings.store_path, read_only=True) as store:

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from core.biomarkers import patient_values, survival_table
+from core.analysis.biomarkers import patient_values, survival_table
 from core.demo import DEMO_COHORT, build_demo
-from core.modelhub import load_model
-from core.store import Store
-from core.survival import split_survival
+from core.engine.modelhub import load_model
+from core.store.db import Store
+from core.analysis.survival import split_survival
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,11 @@ def test_evaluate_cli_writes_the_documented_json(world, tmp_path, monkeypatch):
 
 
 def test_loso_table_on_synthetic_sections(world, tmp_path):
-    from core.loso import METHODS, format_table, prepare, run_loso
-    from core.nuclei import CLASSES
-    from core.nuclei_classes import SYNTH_MAPPING
-    from core.stdata import find_sections
-    from core.training import read_reference, reference_profiles
+    from core.training.loso import METHODS, format_table, prepare, run_loso
+    from core.wsi.nuclei import CLASSES
+    from core.wsi.nuclei_classes import SYNTH_MAPPING
+    from core.training.stdata import find_sections
+    from core.training.fit import read_reference, reference_profiles
 
     settings, card = world
     sections = find_sections(settings.demo_dir / "st")[:3]

@@ -3,10 +3,10 @@ store's similar-tiles search. A stored tile uploaded as a patch must find itself
 import numpy as np
 import pytest
 
-from core.crossmodal import patch_profile, patch_tile, predict_patch, similar_to_embedding, tile_image
+from core.analysis.crossmodal import patch_profile, patch_tile, predict_patch, similar_to_embedding, tile_image
 from core.errors import TesseraError
-from core.modelhub import load_model
-from core.store import Store
+from core.engine.modelhub import load_model
+from core.store.db import Store
 
 
 def test_patch_tile_crops_the_centre_and_resizes():
@@ -65,7 +65,7 @@ def test_patch_query_through_the_vector_index(demo_env, monkeypatch):
     """The same query served by an IVF index (thresholds lowered to the tiny world's size)."""
     import shutil
 
-    from core import tile_index
+    from core.store import tile_index
 
     settings, _ = demo_env
     model = load_model("demo-synthetic", settings.model_dirs)

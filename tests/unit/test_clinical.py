@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.clinical import (ENDPOINT_COLUMNS, ColumnMapping, detect_format, preview_columns, read_clinical,
+from core.cohort.clinical import (ENDPOINT_COLUMNS, ColumnMapping, detect_format, preview_columns, read_clinical,
                            suggest_mapping)
 from core.errors import ClinicalFormatError
 

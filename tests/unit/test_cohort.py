@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from core.cohort import parse_barcode, survival_frame
-from core.importer import link
+from core.cohort.barcodes import parse_barcode, survival_frame
+from core.cohort.importer import link
 from core.errors import ClinicalFormatError
 
 
@@ -26,7 +26,7 @@ def test_link_reports_every_slide(tmp_path):
 
 
 def test_survival_frame_on_real_brca(shared_data):
-    from core.clinical import read_clinical
+    from core.cohort.clinical import read_clinical
 
     clinical = read_clinical(shared_data / "clinical" / "TCGA-CDR_BRCA.csv").table
     surv = survival_frame(clinical, "OS")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.modelhub import load_model
-from core.predict import StoreAccess, predict_slides
-from core.spool import Spool, spool_dir
-from core.store import Store
+from core.engine.modelhub import load_model
+from core.engine.predict import StoreAccess, predict_slides
+from core.engine.spool import Spool, spool_dir
+from core.store.db import Store
 from models.scist import HeadConfig, ModelCard, ReferenceInformedHead, save_checkpoint
 from tests.conftest import make_slide
 
@@ -43,9 +43,9 @@ import logging
 import sys
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
-from core.modelhub import load_model
+from core.engine.modelhub import load_model
 from core.config import load_settings
-from core.predict import predict_slides
+from core.engine.predict import predict_slides
 store, runtime, wait, *slides = sys.argv[1:]
 model = load_model("tiny", load_settings().model_dirs)
 results = predict_slides(store, [(s, None) for s in slides], model, device="cpu", workers=0, batch_size=4,
@@ -192,8 +192,8 @@ def test_spool_ignores_half_written_chunks(tmp_path):
 def test_nuclei_counted_in_the_loader_workers(world, tmp_path, monkeypatch):
     """--nuclei: one loader worker process segments each tile's nuclei while the model runs; the
     counts reach the store, equal a direct count of the same tile, and make a separate cached run."""
-    from core.nuclei_classes import CLASSES, nucleus_counts
-    from core.slides import Slide
+    from core.wsi.nuclei_classes import CLASSES, nucleus_counts
+    from core.wsi.slide import Slide
 
     root, slides = world
     monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "cache"))
@@ -221,7 +221,7 @@ def test_nuclei_counted_in_the_loader_workers(world, tmp_path, monkeypatch):
             assert list(direct) == [int(row[f"n{i}"]) for i in range(len(CLASSES))]
     # the Slide page's nucleus-density layer, and a clear message for a run without counts
     from core.errors import TesseraError
-    from core.maps import layer_tiles
+    from core.analysis.maps import layer_tiles
 
     with Store(store, read_only=True) as s:
         dens = layer_tiles(s, model.key, counted.run_key, "nuclei:all", tiling.tile_um)

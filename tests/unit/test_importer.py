@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from core.cli import main as cli
-from core.importer import fix_slide_mpp, import_cohort, read_mpp_overrides
-from core.store import Store
+from core.cohort.importer import fix_slide_mpp, import_cohort, read_mpp_overrides
+from core.store.db import Store
 from tests.conftest import make_slide
 
 GOOD = "TCGA-A2-A0T2-01Z-00-DX1.0A8F7B2C-1111-4C2D-9E3F-0123456789AB.svs"

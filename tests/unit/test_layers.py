@@ -27,4 +27,4 @@ def test_layering(package, forbidden):
 
 def test_only_store_imports_duckdb():
     users = [p.relative_to(ROOT).as_posix() for p in (ROOT / "core").rglob("*.py") if "duckdb" in imports(p)]
-    assert users == ["core/store.py"]
+    assert users == ["core/store/db.py"]

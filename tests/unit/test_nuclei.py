@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from core import nuclei as N
-from core import nuclei_classes as NC
-from core.nuclei import CLASSES
+from core.wsi import nuclei as N
+from core.wsi import nuclei_classes as NC
+from core.wsi.nuclei import CLASSES
 
 MPP, PATCH = 0.5, 224  # 112 µm patches at 0.5 µm/px, as the expression model reads them
 GROUP = {"malignant_epithelial": "neoplastic", "cycling_malignant": "neoplastic", "t_cell": "inflammatory",
@@ -27,7 +27,7 @@ GROUP = {"malignant_epithelial": "neoplastic", "cycling_malignant": "neoplastic"
 def world(tmp_path_factory):
     """6 slides of ≈ 1024 × 768 px cut into 224-px patches (69 with tissue); per patch the truth
     cell centres (px) and their classes."""
-    from core.slides import Slide
+    from core.wsi.slide import Slide
     from core.synth.world import build_world
 
     root = tmp_path_factory.mktemp("nuclei_world")
@@ -214,7 +214,7 @@ def test_real_patch_is_sane(shared_data):
     Ranges set from a look at the outlined patch (nuclei of 5–9 µm, ≈ 100 per patch; no
     collagen bundle outlined), not from the numbers: 97 nuclei, median ⌀ 6.8 µm.
     """
-    from core.slides import Slide
+    from core.wsi.slide import Slide
 
     with Slide(shared_data / "wsi" / "CMU-1-Small-Region.svs") as slide:
         tissue, glass = slide.read_region((1024, 800), 224, 224), slide.read_region((150, 1500), 224, 224)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.modelhub import list_models, load_model
-from core.predict import predict_slide
-from core.store import Store
+from core.engine.modelhub import list_models, load_model
+from core.engine.predict import predict_slide
+from core.store.db import Store
 from models.scist import HeadConfig, ModelCard, ReferenceInformedHead, save_checkpoint
 from tests.conftest import make_slide
 

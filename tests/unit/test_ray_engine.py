@@ -9,11 +9,11 @@ pytest.importorskip("ray")
 def test_ray_engine_matches_local(tmp_path, monkeypatch):
     import torch
 
-    from core.importer import import_cohort
-    from core.modelhub import load_model
-    from core.predict import predict_cohort
-    from core.distributed import predict_cohort_ray
-    from core.store import Store
+    from core.cohort.importer import import_cohort
+    from core.engine.modelhub import load_model
+    from core.engine.predict import predict_cohort
+    from core.engine.distributed import predict_cohort_ray
+    from core.store.db import Store
     from models.scist import HeadConfig, ModelCard, ReferenceInformedHead, save_checkpoint
     from tests.conftest import make_slide
 

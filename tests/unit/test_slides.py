@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from core.errors import MissingMppError, SlideOpenError
-from core.slides import Slide, TilingParams, file_fingerprint, mpp_from_properties, tile_grid
+from core.wsi.slide import Slide, TilingParams, file_fingerprint, mpp_from_properties, tile_grid
 from tests.conftest import make_slide
 
 

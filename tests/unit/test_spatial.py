@@ -1,7 +1,7 @@
 """Moran's I on tile grids: known values for smooth, checkerboard and random fields."""
 import numpy as np
 
-from core.spatial import grid_neighbours, morans_i
+from core.analysis.spatial import grid_neighbours, morans_i
 
 
 def grid(w, h, size=224):

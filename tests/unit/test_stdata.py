@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from core.errors import MissingMppError, TesseraError
-from core.slides import Slide
-from core.stdata import (SectionFormatError, find_sections, panel_genes, read_section, section_patches,
+from core.wsi.slide import Slide
+from core.training.stdata import (SectionFormatError, find_sections, panel_genes, read_section, section_patches,
                          targets)
 from tests.conftest import make_slide
 

@@ -1,13 +1,13 @@
 """Store schema v4 (integer run ids leading every per-tile table), the v3 → v4 upgrade, and the
-similar-tiles index kept beside the store (core.tile_index), on real DuckDB files."""
+similar-tiles index kept beside the store (core.store.tile_index), on real DuckDB files."""
 import duckdb
 import numpy as np
 import pytest
 
 from core.errors import StoreError
-from core.store import RunRecord, Store
-from core import tile_index
-from core.tile_index import index_root, refresh, similar_tiles
+from core.store.db import RunRecord, Store
+from core.store import tile_index
+from core.store.tile_index import index_root, refresh, similar_tiles
 
 GENES = ["ERBB2", "CD8A", "MKI67"]
 TYPES = ["tumour", "t_cell"]

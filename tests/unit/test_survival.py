@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from core.errors import AnalysisError
-from core.survival import km_curve, split_survival
+from core.analysis.survival import km_curve, split_survival
 
 
 def km_by_hand(time, event):
@@ -41,8 +41,8 @@ def logrank_by_hand(t1, e1, t2, e2):
 
 @pytest.fixture(scope="module")
 def brca(shared_data):
-    from core.clinical import read_clinical
-    from core.cohort import survival_frame
+    from core.cohort.clinical import read_clinical
+    from core.cohort.barcodes import survival_frame
 
     clin = read_clinical(shared_data / "clinical" / "TCGA-CDR_BRCA.csv").table
     surv = survival_frame(clin, "OS").merge(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.vector_index import VectorIndex, default_nlist, recall_at_k
+from core.store.vector_index import VectorIndex, default_nlist, recall_at_k
 
 DIM = 32
 
@@ -56,7 +56,7 @@ def test_exact_matches_brute_force(data):
 
 def test_exact_search_in_blocks_equals_single_block(data, monkeypatch):
     """A small score budget forces the blocked path (many row blocks merged); results must not change."""
-    import core.vector_index as vi
+    import core.store.vector_index as vi
 
     x, ids = data
     index = VectorIndex.build(x, ids)

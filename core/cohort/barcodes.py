@@ -1,5 +1,5 @@
-"""TCGA barcodes and survival endpoints (slide linking lives in ``core.importer``, clinical readers in
-``core.clinical``)."""
+"""TCGA barcodes and survival endpoints (slide linking lives in ``core.cohort.importer``, clinical readers in
+``core.cohort.clinical``)."""
 from __future__ import annotations
 
 import logging

@@ -9,7 +9,7 @@ Data flow (one pass over a whole cohort, not one loader per slide):
     ingest: complete runs → the DuckDB store, one transaction each, whenever the lock is free
 
 A run is keyed by (slide content fingerprint, model id + version, tiling, slide µm/px); a run that
-is complete in the store is served from it and no model work is done. See :mod:`core.spool` for
+is complete in the store is served from it and no model work is done. See :mod:`core.engine.spool` for
 why the engine never holds the store's write lock while it computes, and how it resumes.
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Callable
 import numpy as np
 
 from core.errors import StoreError
-from core.modelhub import LoadedModel
-from core.slides import Slide, TilingParams, file_fingerprint, tile_grid
-from core.spool import CHUNK_TILES, Spool, spool_dir
-from core.store import Store
+from core.engine.modelhub import LoadedModel
+from core.wsi.slide import Slide, TilingParams, file_fingerprint, tile_grid
+from core.engine.spool import CHUNK_TILES, Spool, spool_dir
+from core.store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _stream_class():
                         tile = slide.read_region((int(x), int(y)), size, self.out_px)
                         counts = None
                         if self.nuclei_mpp:   # in the loader worker: overlapped with the model
-                            from core.nuclei_classes import nucleus_counts
+                            from core.wsi.nuclei_classes import nucleus_counts
 
                             counts = nucleus_counts(tile, mpp=self.nuclei_mpp)
                         yield job, chunk, int(i), tile, counts
@@ -195,7 +195,7 @@ class Engine:
         """Compute every pending chunk of ``jobs`` into ``spool``; returns the indices of finished jobs.
 
         ``nuclei``: the loader workers also segment and classify the nuclei of every tile
-        (:func:`core.nuclei_classes.nucleus_counts`) while the model runs on earlier batches.
+        (:func:`core.wsi.nuclei_classes.nucleus_counts`) while the model runs on earlier batches.
 
         ``progress`` gets a dict (done, total, tiles_per_s, eta_s, slide); ``cancel()`` is polled
         between batches — finished chunks stay in the spool, so a later run resumes there.
@@ -333,10 +333,10 @@ class StoreAccess:
             return 0
 
     def refresh_index(self, model_key: str) -> None:
-        """Bring the model's similar-tiles index up to date (:mod:`core.tile_index`). The store is
+        """Bring the model's similar-tiles index up to date (:mod:`core.store.tile_index`). The store is
         opened read-only, and only while vectors are read (not while the index is trained). A
         failure is logged, not raised: queries search what the index lacks exactly."""
-        from core.tile_index import refresh
+        from core.store.tile_index import refresh
 
         try:
             refresh(self.store if self.store is not None else self.path, model_key)

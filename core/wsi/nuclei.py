@@ -3,7 +3,7 @@
 A classical stand-in for HoVer-Net (no weights offline): colour deconvolution, a bounded Otsu
 threshold on the hematoxylin optical density (OD), marker watershed, and per-nucleus features in
 physical units. Classifying the nuclei and the class fractions of each patch live in
-:mod:`core.nuclei_classes`. Patches are uint8 RGB ``(H, W, 3)``; ``mpp`` is µm per patch pixel;
+:mod:`core.wsi.nuclei_classes`. Patches are uint8 RGB ``(H, W, 3)``; ``mpp`` is µm per patch pixel;
 centroids are patch pixels ``(x, y)``. Speed: 25–35 ms CPU per 224-px patch at 0.5 µm/px
 (≈ 30–40 patches/s per core).
 """

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from core.survival import SplitSurvival
+from core.analysis.survival import SplitSurvival
 
 
 def heatmap_overlay(thumb: np.ndarray, slide_size: tuple[int, int], tiles: pd.DataFrame, tile_size: int,

@@ -53,8 +53,8 @@ def prepare(sections, genes: list[str], *, encoder: str, tile_um: float, mpp: fl
     """Features, nuclei counts and small patches of every spot (cached per section/encoder/tiling)."""
     import torch
 
-    from core.nuclei_classes import compositions
-    from core.stdata import section_patches, targets
+    from core.wsi.nuclei_classes import compositions
+    from core.training.stdata import section_patches, targets
     from models.encoders import create_encoder
     from models.scist import TesseraModel
 
@@ -106,11 +106,11 @@ def _encode(wrapper, spec, patches: np.ndarray, batch_size: int) -> tuple[np.nda
 def nuclei_composition(prepared: Prepared, reference_types: list[str], shares: dict | None = None,
                        mapping: dict | None = None) -> np.ndarray:
     """Weights over the reference types [N, T] from a section's nucleus counts (see
-    :func:`core.nuclei_classes.map_to_reference`; a class split over several types in proportion
+    :func:`core.wsi.nuclei_classes.map_to_reference`; a class split over several types in proportion
     to ``shares``; ``mapping`` nuclei class → reference types, default the Xenium breast types;
     patches without nuclei get the uniform composition)."""
-    from core.nuclei import CLASSES
-    from core.nuclei_classes import map_to_reference
+    from core.wsi.nuclei import CLASSES
+    from core.wsi.nuclei_classes import map_to_reference
 
     counts = prepared.nuclei.astype(np.float64)
     total = counts.sum(axis=1, keepdims=True)

@@ -251,10 +251,10 @@ class TileGrid:
 def tissue_mask(slide: Slide, *, mask_mpp: float = 8.0):
     """Tissue detection on a thumbnail of about ``mask_mpp`` µm/px.
 
-    Returns ``(TissueMask, thumbnail RGB, level-0 px per mask px)``; see :mod:`core.tissue`
+    Returns ``(TissueMask, thumbnail RGB, level-0 px per mask px)``; see :mod:`core.wsi.tissue`
     (saturation/optical-density Otsu with floors, cleanup, pen-ink and padding rejection).
     """
-    from core.tissue import detect_tissue
+    from core.wsi.tissue import detect_tissue
 
     w, h = slide.dimensions
     scale = max(mask_mpp / slide.mpp, 1.0)
@@ -268,7 +268,7 @@ def tile_grid(slide: Slide, params: TilingParams, *, tissue=None) -> TileGrid:
 
     ``tissue`` may be a precomputed ``(TissueMask, thumb, mask_scale)`` from :func:`tissue_mask`.
     """
-    from core.tissue import tile_tissue_fraction
+    from core.wsi.tissue import tile_tissue_fraction
 
     size = int(round(params.tile_um / slide.mpp))
     w, h = slide.dimensions
@@ -301,7 +301,7 @@ def preview(path: str | Path, params: TilingParams, *, mpp_override: float | Non
 
     The mask is computed at ``params.mask_mpp`` as for tiling, then drawn on a sharper thumbnail.
     """
-    from core.tissue import render_preview
+    from core.wsi.tissue import render_preview
 
     with Slide(path, mpp_override=mpp_override) as slide:
         detected, thumb, mask_scale = tissue_mask(slide, mask_mpp=params.mask_mpp)

@@ -2,9 +2,9 @@
 the processes that write predictions, with exact search for whatever it does not cover yet.
 
 Files: ``<store>.index/<pred_table>/current`` names the live version directory ``v<ns>/``, which
-holds a :class:`core.vector_index.VectorIndex` and ``runs.npy`` (the run ids it covers). A refresh
+holds a :class:`core.store.vector_index.VectorIndex` and ``runs.npy`` (the run ids it covers). A refresh
 writes a new version and then swaps ``current`` atomically, so a reader always loads a whole index.
-Index ids are ``run_id << 32 | tile_idx`` (:meth:`core.store.Store.embeddings`).
+Index ids are ``run_id << 32 | tile_idx`` (:meth:`core.store.db.Store.embeddings`).
 
 Policy:
 - below ``INDEX_MIN`` tiles per model no index file is kept: exact search over the embeddings in
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.vector_index import EXACT_MAX, VectorIndex
+from core.store.vector_index import EXACT_MAX, VectorIndex
 
 log = logging.getLogger(__name__)
 INDEX_MIN = EXACT_MAX       # tiles per model from which an index file is kept
@@ -91,7 +91,7 @@ def refresh(store, model_key: str | None = None, *, min_vectors: int = INDEX_MIN
             rebuild_stale: float = REBUILD_STALE, **build_kw) -> dict[str, str]:
     """Bring the index of ``model_key`` (default: every model) up to date with the store.
 
-    ``store``: an open :class:`core.store.Store` (used as is), or the store's path — then the
+    ``store``: an open :class:`core.store.db.Store` (used as is), or the store's path — then the
     store is opened read-only only while vectors are read, never while the index is trained, so
     the app and other jobs are not locked out for the minutes a large build takes.
 
@@ -101,7 +101,7 @@ def refresh(store, model_key: str | None = None, *, min_vectors: int = INDEX_MIN
     ``exact_max``, or when an IVF index has grown ~4x past the size its cells were trained for.
     ``build_kw`` go to :meth:`VectorIndex.build`.
     """
-    from core.store import Store
+    from core.store.db import Store
 
     def reading():
         return contextlib.nullcontext(store) if isinstance(store, Store) else Store(store, read_only=True, wait_s=30.0)

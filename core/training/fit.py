@@ -82,8 +82,8 @@ def reference_profiles(reference, genes: list[str], cell_types: list[str] | None
 
 def training_section(section, genes: list[str], *, tile_um: float, mpp: float,
                      cell_types: list[str] | None = None) -> Section:
-    """Patches, targets and (synthetic only) true composition of a :class:`core.stdata.SpatialSection`."""
-    from core.stdata import section_patches, targets
+    """Patches, targets and (synthetic only) true composition of a :class:`core.training.stdata.SpatialSection`."""
+    from core.training.stdata import section_patches, targets
 
     patches, keep = section_patches(section, tile_um=tile_um, mpp=mpp)
     comp = section.counts.obsm.get("composition") if "composition" in section.counts.obsm else None

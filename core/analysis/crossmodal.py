@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import TesseraError
-from core.slides import Slide
+from core.wsi.slide import Slide
 
 MIN_PATCH_SHARE = 0.5   # an uploaded patch must cover at least half the model's tile width
 
@@ -40,8 +40,8 @@ def _profile_table(expression: pd.Series, baseline: pd.Series, top: int) -> pd.D
 def similar_tiles(store, model_key: str, run_keys: list[str], run_key: str, tile_idx: int, *,
                   k: int = 12) -> pd.DataFrame:
     """Tiles whose embedding is closest (cosine) to the query tile, excluding the tile itself
-    (through the model's vector index where one is kept: :mod:`core.tile_index`)."""
-    from core.tile_index import similar_tiles as search
+    (through the model's vector index where one is kept: :mod:`core.store.tile_index`)."""
+    from core.store.tile_index import similar_tiles as search
 
     return search(store, model_key, run_keys, run_key, tile_idx, k=k)
 
@@ -98,6 +98,6 @@ def patch_profile(store, model_key: str, run_keys: list[str], expression: pd.Ser
 def similar_to_embedding(store, model_key: str, run_keys: list[str], embedding: np.ndarray, *,
                          k: int = 12) -> pd.DataFrame:
     """The ``k`` tiles of the cohort closest to an embedding (e.g. of an uploaded patch)."""
-    from core.tile_index import nearest
+    from core.store.tile_index import nearest
 
     return nearest(store, model_key, list(run_keys), embedding, k=k)

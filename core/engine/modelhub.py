@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ModelNotFoundError
-from core.slides import TilingParams
+from core.wsi.slide import TilingParams
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Reading a clinical table file (CSV/TSV, gzipped or not, or an XLSX sheet) as a frame of strings.
 
-The file-level half of :func:`core.clinical.read_clinical`: suffix and separator detection,
+The file-level half of :func:`core.cohort.clinical.read_clinical`: suffix and separator detection,
 text encodings, Excel sheets, malformed lines and spreadsheet index columns, each turned into a
-:class:`~core.errors.ClinicalFormatError` or a :class:`~core.clinical_values.ClinicalIssue`.
+:class:`~core.errors.ClinicalFormatError` or a :class:`~core.cohort.clinical_values.ClinicalIssue`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.clinical_values import Issues, some
+from core.cohort.clinical_values import Issues, some
 from core.errors import ClinicalFormatError
 
 _EXCEL = (".xlsx", ".xlsm")

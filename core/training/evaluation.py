@@ -1,7 +1,7 @@
 """Judging a model against measured spatial transcriptomics: per-gene Pearson r over spots.
 
 ``evaluate`` runs a model through the normal inference path on every section found under a
-folder (HER2ST/legacy ST, 10x Visium, HEST-style; see :mod:`core.stdata`) and returns the
+folder (HER2ST/legacy ST, 10x Visium, HEST-style; see :mod:`core.training.stdata`) and returns the
 JSON-ready report ``{"model", "genes", "sections": {name: {n_spots, mean_pcc, median_pcc,
 top50_pcc, per_gene, ...}}}``.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import TesseraError
-from core.modelhub import LoadedModel
+from core.engine.modelhub import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def predict_patches(model: LoadedModel, patches: np.ndarray, *, batch_size: int 
 
 def evaluate_section(model: LoadedModel, section, *, batch_size: int = 32) -> dict:
     """Metrics of one section over the panel genes it measures (the others are listed as missing)."""
-    from core.stdata import section_patches, targets
+    from core.training.stdata import section_patches, targets
     from models.evaluate import summarize
 
     card = model.card
@@ -53,7 +53,7 @@ def evaluate_section(model: LoadedModel, section, *, batch_size: int = 32) -> di
 
 def evaluate(model: LoadedModel, st_dir: str | Path, *, batch_size: int = 32) -> dict:
     """Evaluate ``model`` on every section under ``st_dir``."""
-    from core.stdata import find_sections
+    from core.training.stdata import find_sections
 
     sections = find_sections(Path(st_dir))
     if not sections:

@@ -6,8 +6,8 @@ DSS.time, DFI, DFI.time, PFI, PFI.time`` (events 0/1 as float, times in **days**
 when unknown), then every other column as a covariate. Every row removed and every value
 nulled is reported as a :class:`ClinicalIssue`.
 
-File reading lives in :mod:`core.clinical_io`, the value cleaning shared by all formats in
-:mod:`core.clinical_values` and the GDC format in :mod:`core.clinical_gdc`; the names used
+File reading lives in :mod:`core.cohort.clinical_io`, the value cleaning shared by all formats in
+:mod:`core.cohort.clinical_values` and the GDC format in :mod:`core.cohort.clinical_gdc`; the names used
 elsewhere stay importable from here.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Mapping
 
 import pandas as pd
 
-from core.clinical_io import _drop_index_columns, preview_columns, read_raw
-from core.clinical_values import (ENDPOINT_COLUMNS, ENDPOINTS, EVENT_WORDS, MISSING_MARKERS,  # noqa: F401 re-exported
+from core.cohort.clinical_io import _drop_index_columns, preview_columns, read_raw
+from core.cohort.clinical_values import (ENDPOINT_COLUMNS, ENDPOINTS, EVENT_WORDS, MISSING_MARKERS,  # noqa: F401 re-exported
                                   ClinicalIssue, Issues, assemble, clean_times, infer_numeric, is_missing,
                                   keep_identified, normalise_ids, parse_events, report_missing, some)
 from core.errors import ClinicalFormatError
@@ -258,7 +258,7 @@ def read_clinical(path: str | Path, *, mapping: ColumnMapping | None = None, fmt
     if fmt == "tcga-cdr":
         table = _from_cdr(raw, issues, path.name)
     elif fmt == "gdc":
-        from core.clinical_gdc import from_gdc
+        from core.cohort.clinical_gdc import from_gdc
         table = from_gdc(raw, issues, path.name)
     else:
         mapping = mapping or _guess_mapping(raw.columns, issues, path.name)

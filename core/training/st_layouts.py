@@ -1,7 +1,7 @@
 """Spatial-transcriptomics folder layouts: the section type and one reader per layout.
 
 Three folder layouts are read into one :class:`SpatialSection` (detection, finding and the
-training helpers live in :mod:`core.stdata`, which re-exports the names defined here):
+training helpers live in :mod:`core.training.stdata`, which re-exports the names defined here):
 
 * ``her2st`` — legacy ST as published with HER2ST: ``<S>.tsv.gz`` (spots × genes, row index
   ``XxY`` array coordinates), ``<S>_selection.tsv`` (array ``x, y`` → ``pixel_x, pixel_y``)
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import MissingMppError, TesseraError
-from core.slides import Slide
+from core.wsi.slide import Slide
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from core.cohort import SLIDE_SUFFIXES, parse_barcode
+from core.cohort.barcodes import SLIDE_SUFFIXES, parse_barcode
 from core.errors import ClinicalFormatError, NoTissueError, SlideOpenError
-from core.slides import Slide, TilingParams, tile_grid, tissue_mask
-from core.store import SLIDE_COLUMNS
+from core.wsi.slide import Slide, TilingParams, tile_grid, tissue_mask
+from core.store.db import SLIDE_COLUMNS
 
 log = logging.getLogger(__name__)
 CANDIDATE_SUFFIXES = SLIDE_SUFFIXES | {".dcm", ".isyntax", ".czi", ".qptiff"}
@@ -184,8 +184,8 @@ def import_cohort(store, name: str, slides_dir: Path, clinical_path: Path, *, ma
                   mpp_overrides: dict[str, float] | None = None, tiling: TilingParams | None = None,
                   progress=None) -> ImportReport:
     """Scan, probe, link and save cohort ``name`` in the store; returns the link report."""
-    from core.clinical import read_clinical
-    from core.predict import fingerprint
+    from core.cohort.clinical import read_clinical
+    from core.engine.predict import fingerprint
 
     clinical = read_clinical(clinical_path, mapping=mapping, fmt=fmt)
     tiling = tiling or TilingParams()

@@ -3,7 +3,7 @@
 A folder in one of three layouts — ``her2st`` (legacy ST as published with HER2ST), ``visium``
 (a 10x Space Ranger ``outs`` folder) or ``hest`` (an ``.h5ad`` beside its WSI; Tessera's
 synthetic sections) — is read into one :class:`SpatialSection`. The layouts and their readers
-are described in :mod:`core.st_layouts`; this module detects the layout, reads and finds
+are described in :mod:`core.training.st_layouts`; this module detects the layout, reads and finds
 sections, cuts spot patches and builds the gene panel and training targets.
 
 Spot centres are ``(x, y)`` level-0 px of ``image_path``; sizes are in µm unless named ``_px``.
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import TesseraError
-from core.slides import Slide
+from core.wsi.slide import Slide
 # SpatialSection, SectionFormatError and the layout constants are re-exported: import them from here.
-from core.st_layouts import (ST_PITCH_UM, ST_SPOT_UM, VISIUM_SPOT_UM, WSI_SUFFIXES,  # noqa: F401
+from core.training.st_layouts import (ST_PITCH_UM, ST_SPOT_UM, VISIUM_SPOT_UM, WSI_SUFFIXES,  # noqa: F401
                              SectionFormatError, SpatialSection, _her2st_counts, _read_hest, _read_her2st,
                              _read_visium)
 
@@ -121,7 +121,7 @@ def section_patches(section: SpatialSection, *, tile_um: float, mpp: float,
 
     Returns ``(patches uint8 (K, out_px, out_px, 3), keep (N,) bool)``: spots whose square
     leaves the image are dropped (``keep`` is False). ``out_px`` defaults to ``tile_um / mpp``.
-    Regions are read through :meth:`core.slides.Slide.read_region`, so pyramids are used; a
+    Regions are read through :meth:`core.wsi.slide.Slide.read_region`, so pyramids are used; a
     plain JPEG/PNG is decoded once per call.
     """
     out_px = int(out_px or round(tile_um / mpp))
@@ -170,7 +170,7 @@ def targets(section: SpatialSection, genes: list[str]) -> np.ndarray:
     """Training targets (N, G) float32: counts normalised to 10⁴ per spot over ``genes``, then log1p."""
     import scipy.sparse as sp
 
-    from core.training import log_normalize
+    from core.training.fit import log_normalize
 
     missing = [g for g in genes if g not in section.counts.var_names]
     if missing:

@@ -11,7 +11,7 @@ import re
 import pandas as pd
 
 from core.errors import TesseraError
-from core.nuclei_classes import CLASSES
+from core.wsi.nuclei_classes import CLASSES
 
 
 def parse_signature(text: str, panel: list[str]) -> list[str]:

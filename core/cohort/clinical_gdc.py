@@ -1,4 +1,4 @@
-"""GDC portal clinical exports → one row per case (used by :func:`core.clinical.read_clinical`).
+"""GDC portal clinical exports → one row per case (used by :func:`core.cohort.clinical.read_clinical`).
 
 A GDC export has one row per case × treatment (× diagnosis, × follow-up …), ``'--`` for
 missing values, and either flat column names (``vital_status``, ``days_to_death``) or dotted
@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from core.clinical_values import (Issues, assemble, clean_times, keep_identified, normalise_ids,
+from core.cohort.clinical_values import (Issues, assemble, clean_times, keep_identified, normalise_ids,
                                   parse_events, some)
 from core.errors import ClinicalFormatError
 

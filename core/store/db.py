@@ -297,7 +297,7 @@ class Store:
             raise StoreError(f"expression is {expression.shape}, expected {(n, len(genes))}")
         idx = np.arange(n, dtype=np.int32)
         x, y = xy[:, 0].astype(np.int32), xy[:, 1].astype(np.int32)
-        from core.spatial import grid_neighbours, morans_i
+        from core.analysis.spatial import grid_neighbours, morans_i
 
         q = np.quantile(expression, [0.5, 0.9], axis=0)
         moran = morans_i(expression, grid_neighbours(xy, run.tile_size))
@@ -348,7 +348,7 @@ class Store:
         return int(run_id)
 
     def ingest(self, spool) -> list[str]:
-        """Move every complete run of a :class:`core.spool.Spool` into the store, one transaction
+        """Move every complete run of a :class:`core.engine.spool.Spool` into the store, one transaction
         each, then delete it from the spool. Idempotent: a crash between the commit and the
         deletion re-ingests the same rows (``write_run`` replaces a run), never duplicates them."""
         done = []
@@ -503,7 +503,7 @@ class Store:
 
     def embeddings(self, run_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids ``run_id << 32 | tile_idx`` [N] int64, embeddings [N, E]) of the given runs, for
-        the vector index (:mod:`core.tile_index`)."""
+        the vector index (:mod:`core.store.tile_index`)."""
         tbl = self.con.sql("""SELECT (run_id::BIGINT << 32) | tile_idx AS id, embedding FROM tile_vectors
                               WHERE run_id IN (SELECT unnest(?::INTEGER[])) ORDER BY run_id, tile_idx""",
                            params=[[int(r) for r in run_ids]]).to_arrow_table()
@@ -538,7 +538,7 @@ class Store:
 
     def tile_nuclei(self, run_key: str) -> pd.DataFrame | None:
         """Per tile of a run: tile_idx, x, y and the nucleus count of each class (columns
-        ``n0 … n{C-1}``, in ``core.nuclei_classes.CLASSES`` order), or None when the job that
+        ``n0 … n{C-1}``, in ``core.wsi.nuclei_classes.CLASSES`` order), or None when the job that
         made the run did not count nuclei."""
         if "nuclei" not in self._columns("tile_vectors"):    # opened read-only before the column existed
             return None

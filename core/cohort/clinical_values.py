@@ -1,6 +1,6 @@
 """Shared building blocks of the clinical readers: issues, value cleaning, the normalised table.
 
-Used by every format of :func:`core.clinical.read_clinical` (TCGA-CDR, GDC export, generic
+Used by every format of :func:`core.cohort.clinical.read_clinical` (TCGA-CDR, GDC export, generic
 table + column mapping): the :class:`ClinicalIssue` findings and their :class:`Issues`
 collector, missing-value markers, event and time parsing, patient-id normalisation and the
 assembly of the one-row-per-patient table (id, ``OS, OS.time, …, PFI.time``, covariates).

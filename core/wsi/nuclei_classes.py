@@ -1,7 +1,7 @@
 """Nucleus classes and per-patch cell composition: features → classes → fractions → weights.
 
-The second half of :mod:`core.nuclei`: a nucleus classifier (transparent rules or a small fitted
-model) over the features of :func:`core.nuclei.segment_nuclei`, training labels from annotated
+The second half of :mod:`core.wsi.nuclei`: a nucleus classifier (transparent rules or a small fitted
+model) over the features of :func:`core.wsi.nuclei.segment_nuclei`, training labels from annotated
 cell centres, the class fractions of each patch, and their mapping onto a reference's cell types.
 Patches are uint8 RGB ``(H, W, 3)``; ``mpp`` is µm per patch pixel.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.nuclei import CLASSES, FEATURES, segment_nuclei
+from core.wsi.nuclei import CLASSES, FEATURES, segment_nuclei
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``--engine ray``: the same engine, spread over a Ray cluster, results in the same store.
 
-Each Ray actor loads the model once and builds one :class:`core.predict.Engine` (one actor per
+Each Ray actor loads the model once and builds one :class:`core.engine.predict.Engine` (one actor per
 GPU when the cluster has GPUs, else one per ``cpus_per_actor`` CPUs). The driver hands out small
 groups of slides; an actor plans them (fingerprint, cache check, tissue grid — it reads the
 store read-only), computes the missing chunks into the spool and returns. Only the driver
@@ -14,8 +14,8 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from core.modelhub import LoadedModel
-from core.predict import SlideResult, StoreAccess
+from core.engine.modelhub import LoadedModel
+from core.engine.predict import SlideResult, StoreAccess
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ def _actor_class():
 
             import torch
 
-            from core.modelhub import load_model
-            from core.predict import Engine
+            from core.engine.modelhub import load_model
+            from core.engine.predict import Engine
 
             if engine_kwargs.get("device", "auto") != "cuda":  # CPU actors: one thread per CPU Ray gave us
                 torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -39,8 +39,8 @@ def _actor_class():
             self.engine = Engine(self.model, **engine_kwargs)
 
         def predict(self, store_path: str, slides: list, tiling: dict, force: bool, nuclei: bool = False) -> list[dict]:
-            from core.predict import predict_slides
-            from core.slides import TilingParams
+            from core.engine.predict import predict_slides
+            from core.wsi.slide import TilingParams
 
             results = predict_slides(store_path, slides, self.model, tiling=TilingParams(**tiling), force=force,
                                      engine=self.engine, ingest=False, nuclei=nuclei)

@@ -1,0 +1,1 @@
+"""Cohorts as users have them: TCGA barcodes, the importer and its link report, clinical readers."""

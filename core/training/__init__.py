@@ -1,0 +1,1 @@
+"""Models from spatial transcriptomics: ST section readers, references, training, LOSO, evaluation."""

@@ -1,0 +1,1 @@
+"""The slide: lazy OpenSlide handle, µm/px chain, fingerprint, tissue, tiling, nuclei. Imports no store."""
