@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PORT   ?= 8501
 
-.PHONY: setup demo run test bench browser clean-demo
+.PHONY: setup demo run dev test bench browser clean-demo
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,14 @@ setup: $(STAMP)
 demo: setup
 	$(PY) -m core.cli demo
 
+# The file watcher is off (it would watch .venv too and flood the log); `make dev` turns it on.
 run: demo
 	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) \
-	  --server.headless true --browser.gatherUsageStats false
+	  --server.headless true --browser.gatherUsageStats false --server.fileWatcherType none
+
+dev: demo
+	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) \
+	  --server.headless true --browser.gatherUsageStats false --server.fileWatcherType poll --server.runOnSave true
 
 # Debian's chromium for the browser tests; installed when missing and we are root (CI is).
 browser:

@@ -1,4 +1,5 @@
-"""Tessera — router only: page config and navigation over pages/."""
+"""Tessera — router only: page config and navigation over pages/ (each page draws the sidebar's
+cohort and model pickers through ``pages._ui.sidebar``, which keeps the choice across pages)."""
 import streamlit as st
 
 st.set_page_config(page_title="Tessera", page_icon=":material/grid_view:", layout="wide")

@@ -48,8 +48,10 @@ def main(argv=None) -> None:
 
     from core.config import load_settings
     from core.engine.modelhub import load_model
-    from core.engine.predict import predict_slides, resolve_device
-    from core.wsi.slide import Slide, tile_grid
+    from core.engine.loop import resolve_device
+    from core.engine.predict import predict_slides
+    from core.wsi.slide import Slide
+    from core.wsi.tiling import tile_grid
     from models.runtime import TorchRuntime, create_runtime
 
     ap = argparse.ArgumentParser()

@@ -3,7 +3,7 @@
 ``python -m benchmarks.store_bench [--slides 1000] [--tiles 10000] [--path DIR] [--reuse]``
 
 1. Fill ``DIR/store.duckdb`` through the real :class:`core.store.db.Store` API (``register_model``
-   + one ``write_run`` per slide) with the real panel (the genes of
+   + one ``write_run`` per slide, with its slide summary) with the real panel (the genes of
    ``models/weights/breast-her2st/card.json``): tiles on a grid inside a tissue blob, a 9-type
    composition and an expression made like the model makes it (composition x type profiles on a
    log1p scale, plus smooth spatial residuals and noise, clipped to 0-5), and a unit 64-d
@@ -145,6 +145,7 @@ def _log(msg: str) -> None:
 
 # -- the steps ---------------------------------------------------------------------------------------
 def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory_limit: str) -> dict:
+    from core.analysis.spatial import slide_summary
     from core.store.db import RunRecord, Store
 
     card = json.loads(CARD.read_text())
@@ -169,7 +170,9 @@ def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory
                                slide_path=f"/sim/SIM-{i:05d}.svs", tile_size=TILE_PX,
                                width=int(s.xy[:, 0].max()) + TILE_PX, height=int(s.xy[:, 1].max()) + TILE_PX,
                                mpp=0.5, device="sim", seconds=0.0)
-            store.write_run(record, s.xy, s.tissue, s.expression, s.embedding, s.composition)
+            # the summary as the engine's ingest computes it, inside the timed write as before
+            store.write_run(record, s.xy, s.tissue, s.expression, s.embedding, s.composition,
+                            summary=slide_summary(s.expression, s.xy, TILE_PX, cohort.genes))
             t2 = time.perf_counter()
             gen_s += t1 - t0
             write_s += t2 - t1
@@ -234,7 +237,7 @@ def index_bench(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool,
     out: dict = {}
     with Store(store_path, read_only=True) as store:
         model_key = store.models()["model_key"].iloc[0]
-        table = store.model_info(model_key)["pred_table"]
+        table = store.model_info(model_key).pred_table
         runs = store.model_runs(model_key)
         t = time.perf_counter()
         out["refresh"] = refresh(store, model_key, min_vectors=exact_max, rebuild_stale=0.25 if reuse else -1.0,

@@ -13,7 +13,7 @@ tissue tiles of 112 µm at 1.0 µm/px, sampled evenly over the grid, it times:
   tiler   the same in a ``multiprocessing`` pool, each worker holding its own OpenSlide handle
 
 and the tissue step over the whole slide: thumbnail at 8 µm/px, ``core.wsi.tissue.detect_tissue``,
-``tile_tissue_fraction`` over the full grid, each timed, then ``core.wsi.slide.tile_grid`` end to end.
+``tile_tissue_fraction`` over the full grid, each timed, then ``core.wsi.tiling.tile_grid`` end to end.
 """
 from __future__ import annotations
 
@@ -186,7 +186,8 @@ def _grid_xy(width: int, height: int, size: int) -> np.ndarray:
 
 def tissue_step(path: Path, *, tile_um: float = 112.0, mask_mpp: float = 8.0, min_tissue: float = 0.3):
     """Time thumbnail → detect_tissue → tile fractions over the full grid; returns (timings, xy, size)."""
-    from core.wsi.slide import Slide, TilingParams, tile_grid
+    from core.wsi.slide import Slide
+    from core.wsi.tiling import TilingParams, tile_grid
     from core.wsi.tissue import detect_tissue, tile_tissue_fraction
 
     times = {}

@@ -9,24 +9,25 @@ from pathlib import Path
 
 from core.config import load_settings
 from core.errors import TesseraError
+from core.vocab import ENDPOINTS, MIN_TISSUE
 from core.training.loso import METHODS
 
 log = logging.getLogger("tessera")
 
 
 def _tqdm_progress(label: str):
-    """A progress callback for the engine's dicts (done, total, tiles_per_s, slide): one tqdm bar."""
+    """A progress callback for the engine's :class:`core.engine.plan.Progress`: one tqdm bar."""
     from tqdm import tqdm
 
     bar = {"bar": None}
 
-    def update(p: dict) -> None:
+    def update(p) -> None:
         if bar["bar"] is None:
-            bar["bar"] = tqdm(total=p["total"], desc=label, unit="tile")
-        bar["bar"].n = p["done"]
-        bar["bar"].set_postfix_str(p.get("slide", ""), refresh=False)
+            bar["bar"] = tqdm(total=p.total, desc=label, unit="tile")
+        bar["bar"].n = p.done
+        bar["bar"].set_postfix_str(p.slide, refresh=False)
         bar["bar"].refresh()
-        if p["done"] >= p["total"]:
+        if p.done >= p.total:
             bar["bar"].close()
 
     return update
@@ -95,7 +96,8 @@ def cmd_predict(args) -> int:
 
 def _predict(args, progress, stop) -> tuple[int, str]:
     from core.engine.modelhub import load_model
-    from core.engine.predict import StoreAccess, predict_cohort
+    from core.engine.access import StoreAccess
+    from core.engine.predict import predict_cohort
 
     settings = load_settings(store_path=args.store, device=args.device)
     model = load_model(args.model or settings.default_model, settings.model_dirs)
@@ -138,17 +140,20 @@ def _mapping(args):
 def print_report(report) -> None:
     """The link report as plain text: slides by status, patients without slides, clinical issues."""
     cols = ["slide_name", "patient", "status", "link", "selected", "mpp", "mpp_source", "n_tiles", "message"]
-    print(report.slides[cols].to_string(index=False, max_colwidth=90))
+    if report.slides.empty:
+        print("no files found in the slides folder")
+    else:
+        print(report.slides[cols].to_string(index=False, max_colwidth=90))
     missing = report.patients_without_slides
     print(f"\npatients without slides: {len(missing)}" + (f" (e.g. {', '.join(missing[:10])})" if missing else ""))
     for issue in report.issues:
-        print(f"clinical {issue['severity']}: {issue['message']}")
+        print(f"{issue['kind']} {issue['severity']}: {issue['message']}")
     print("\nsummary:", ", ".join(f"{k}={v}" for k, v in report.counts().items()))
 
 
 def cmd_import(args) -> int:
     from core.cohort.importer import import_cohort, read_mpp_overrides
-    from core.wsi.slide import TilingParams
+    from core.wsi.tiling import TilingParams
     from core.store.db import Store
 
     settings = load_settings(store_path=args.store)
@@ -209,7 +214,7 @@ def cmd_evaluate(args) -> int:
 def cmd_loso(args) -> int:
     from core.training.loso import format_table, prepare, run_loso, write_report
     from core.training.stdata import find_sections, panel_genes
-    from core.training.fit import read_reference, reference_profiles
+    from core.training.reference import read_reference, reference_profiles
 
     sections = find_sections(args.st)
     genes = panel_genes(sections, args.panel)
@@ -235,7 +240,7 @@ def cmd_train_st(args) -> int:
 
     from core.training.loso import fusion_fit, prepare
     from core.training.stdata import find_sections, panel_genes
-    from core.training.fit import read_reference, reference_profiles
+    from core.training.reference import read_reference, reference_profiles
     from models.scist import ModelCard, save_checkpoint
 
     started = time.perf_counter()
@@ -299,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true")
     r.add_argument("--nuclei", action="store_true",
                    help="also count nuclei per class in every tile (in the loader workers; ~10-20 ms per tile)")
-    r.add_argument("--min-tissue", type=float, default=0.3, help="tissue fraction a tile needs (0–1)")
+    r.add_argument("--min-tissue", type=float, default=MIN_TISSUE, help="tissue fraction a tile needs (0–1)")
     r.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("evaluate", help="per-gene PCC of a model on ST sections (HER2ST, Visium, HEST layouts)")
@@ -358,9 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--patient-col", default=None, help="generic tables: the patient id column")
     i.add_argument("--time-col", default=None)
     i.add_argument("--event-col", default=None)
-    i.add_argument("--endpoint", default="OS", choices=["OS", "DSS", "DFI", "PFI"])
+    i.add_argument("--endpoint", default="OS", choices=list(ENDPOINTS))
     i.add_argument("--time-unit", default="days", choices=["days", "months", "years"])
-    i.add_argument("--min-tissue", type=float, default=0.3, help="tissue fraction a tile needs (0–1)")
+    i.add_argument("--min-tissue", type=float, default=MIN_TISSUE, help="tissue fraction a tile needs (0–1)")
     i.set_defaults(func=cmd_import)
     return p
 

@@ -33,7 +33,8 @@ def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 40)
     import anndata as ad
 
     from core.training.stdata import find_sections
-    from core.training.fit import reference_profiles, train_on_sections, training_section
+    from core.training.fit import train_on_sections, training_section
+    from core.training.reference import reference_profiles
     from models.scist import ModelCard, save_checkpoint
 
     out = demo_dir / "models" / DEMO_MODEL

@@ -42,3 +42,15 @@ class ClinicalFormatError(TesseraError):
 
 class AnalysisError(TesseraError):
     """A statistical analysis cannot run on the data given (too few patients, no events…)."""
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store's write lock (a job ingesting, another writer); retry shortly."""
+
+
+class SectionFormatError(TesseraError):
+    """A spatial-transcriptomics folder or file is incomplete or not in a layout Tessera reads."""
+
+
+class ReferenceFormatError(TesseraError):
+    """A single-cell reference file (h5ad, or counts CSV + cell types) cannot be used as given."""

@@ -6,15 +6,18 @@ lock between reruns. Cache entries are keyed by the store file's mtime, so new p
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
-from functools import partial
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import streamlit as st
 
 from core.config import load_settings
-from core.errors import TesseraError
+from core.errors import OutdatedStoreError, StoreBusyError, TesseraError
+from core.store.db import Store
+from core.vocab import MIN_TISSUE
+
+T = TypeVar("T")
 
 log = logging.getLogger("tessera.ui")
 
@@ -36,29 +39,26 @@ def _mtime(path: Path) -> float:
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def _cached_call(path: str, mtime: float, target: str, args: tuple, kwargs: tuple):
-    from core.store.db import Store
-
-    module, name = target.split(":")
+def _cached_call(path: str, mtime: float, name: str, args: tuple, kwargs: tuple, _fn: Callable):
+    # keyed by the function's qualified name (``_fn`` itself is not hashed: leading underscore)
     with Store(path, read_only=True) as store:
-        fn = getattr(store, name) if module == "store" else partial(getattr(importlib.import_module(module), name), store)
-        return fn(*args, **dict(kwargs))
+        return _fn(store, *args, **dict(kwargs))
 
 
-def query(target: str, *args, **kwargs):
-    """Call ``module:function(store, *args)`` on a read-only store, cached until the store changes.
+def query(fn: Callable[..., T], *args, **kwargs) -> T:
+    """``fn(store, *args, **kwargs)`` on a read-only store, cached until the store file changes.
 
-    ``target`` may also be ``store:<method>`` for a :class:`core.store.db.Store` method.
+    ``fn`` is a function whose first parameter is the store (``core.analysis.biomarkers.survival_table``)
+    or a :class:`Store` method (``Store.cohort_runs``), so an editor can follow the call.
     """
     path = store_path()
-    return _cached_call(str(path), _mtime(path), target, args, tuple(sorted(kwargs.items())))
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    return _cached_call(str(path), _mtime(path), name, args, tuple(sorted(kwargs.items())), fn)
 
 
 @contextlib.contextmanager
 def write_store():
     """A short-lived read-write connection for the few actions that change the store."""
-    from core.store.db import Store
-
     with Store(store_path()) as store:
         yield store
     st.cache_data.clear()
@@ -66,7 +66,7 @@ def write_store():
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def preview(slide_path: str, tile_um: float, mpp: float, mpp_override: float | None):
-    from core.wsi.slide import TilingParams, preview as render
+    from core.wsi.tiling import TilingParams, preview as render
 
     return render(slide_path, TilingParams(tile_um=tile_um, mpp=mpp), mpp_override=mpp_override)
 
@@ -81,9 +81,9 @@ def mpp_fix_form(cohort: str, slide_name: str, slide_path: str, key: str) -> Non
                               format="%.4f", key=f"mpp_{key}")
         if st.form_submit_button("Save µm/px"):
             with write_store() as store:
-                row = fix_slide_mpp(store, cohort, slide_path, mpp)
+                probe = fix_slide_mpp(store, cohort, slide_path, mpp)
             st.session_state["flash"] = f"Saved {mpp:g} µm/px for {slide_name}: the slide is now " \
-                                        f"'{row['status']}'. {row.get('message') or ''}"
+                                        f"'{probe.status}'. {probe.message}"
             st.rerun()
 
 
@@ -157,7 +157,7 @@ def read_image(data: bytes, name: str):
 def ingest_pending() -> int:
     """Bring finished runs of background/CLI jobs from the spool into the store (when the lock is
     free for a moment; otherwise they wait for the next page load). Returns how many."""
-    from core.engine.predict import StoreAccess
+    from core.engine.access import StoreAccess
 
     access = StoreAccess(store_path())
     if not access.spool.complete_runs():
@@ -174,15 +174,12 @@ def ingest_pending() -> int:
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def _needs_upgrade(path: str, mtime: float) -> bool:
-    from core.errors import OutdatedStoreError, StoreError
-    from core.store.db import Store
-
     try:
         with Store(path, read_only=True):
             return False
     except OutdatedStoreError:
         return True
-    except StoreError:      # busy for a moment: the page's own queries wait and report it
+    except StoreBusyError:      # busy for a moment: the page's own queries wait and report it
         return False
 
 
@@ -192,16 +189,23 @@ def upgrade_store_if_needed() -> None:
     path = store_path()
     if not _needs_upgrade(str(path), _mtime(path)):
         return
-    from core.store.db import Store
-
     with st.spinner("Upgrading the store to this version's layout (once)…"):
         with Store(path, wait_s=10.0):
             pass
     st.cache_data.clear()
 
 
+def model_label(model_key: str) -> str:
+    """How every picker names a model: ``demo-synthetic · v fda30f42`` (id and version)."""
+    model_id, _, version = model_key.partition("@")
+    return f"{model_id} · v {version[:8]}" if version else model_id
+
+
 def sidebar() -> tuple[str | None, str | None]:
-    """Cohort and model pickers: (cohort, model_key); model_key is None before any prediction."""
+    """The cohort and model pickers: (cohort, model_key); model_key is None before any prediction.
+
+    Both choices survive page switches. The default model is the most recent one with predictions
+    for the chosen cohort; models without any for it say so in the picker."""
     if store_path().exists():
         upgrade_store_if_needed()
         ingest_pending()
@@ -210,37 +214,68 @@ def sidebar() -> tuple[str | None, str | None]:
         st.info(f"No predictions store at `{store_path()}`. Run `make run` (builds the demo cohort), "
                 "`python -m core.cli demo`, or import a cohort on the Import page.")
         return None, None
-    cohorts = query("store:cohorts")
+    cohorts = query(Store.cohorts)
     if not cohorts:
         st.info("The store has no cohort yet: import one on the Import page, or run `python -m core.cli demo`.")
         return None, None
-    cohort = st.sidebar.selectbox("Cohort", cohorts, key="cohort")
-    models = query("store:models")
-    if models.empty:
-        st.sidebar.info("No predictions yet: run `python -m core.cli predict --cohort NAME`.")
+    _keep("cohort", cohorts)
+    cohort = st.sidebar.selectbox("Cohort", cohorts, key="cohort", on_change=_cohort_changed)
+    coverage = query(Store.model_coverage, cohort)
+    if coverage.empty:
+        st.sidebar.info("No predictions yet: start them on the Predictions page.")
         return cohort, None
-    model = st.sidebar.selectbox("Model", list(models["model_key"]), key="model", index=len(models) - 1)
+    keys = list(coverage["model_key"])
+    predicted = dict(zip(coverage["model_key"], coverage["predicted"]))
+    with_runs = [k for k in keys if predicted[k] > 0]
+    _keep("model", keys)
+    default = {} if "model" in st.session_state else {"index": keys.index(with_runs[-1] if with_runs else keys[-1])}
+    model = st.sidebar.selectbox(
+        "Model", keys, key="model", **default,
+        format_func=lambda k: model_label(k) + ("" if predicted[k] else f" (no predictions for {cohort})"))
     return cohort, model
+
+
+def _keep(key: str, options: list) -> None:
+    """Carry a sidebar widget's value over a page switch (Streamlit drops the state of a widget
+    that the next page draws anew; writing it back keeps it); a value no longer offered is dropped."""
+    if key in st.session_state:
+        if st.session_state[key] in options:
+            st.session_state[key] = st.session_state[key]
+        else:
+            del st.session_state[key]
+
+
+def _cohort_changed() -> None:
+    # another cohort: let the model default again to one that has predictions for it
+    st.session_state.pop("model", None)
 
 
 def require_model(model: str | None) -> None:
     if model is None:
-        st.info("This page needs predictions: run `python -m core.cli predict --cohort NAME` first.")
+        st.info("This page needs predictions: start them on the Predictions page.")
+        st.page_link("pages/predictions.py", label="Go to Predictions", icon=":material/play_circle:")
+        st.caption("Or from a shell: `python -m core.cli predict --cohort NAME`.")
         st.stop()
+
+
+def not_predicted(cohort: str) -> None:
+    """What to do about a slide without predictions from the chosen model."""
+    st.info("Not predicted yet with this model: start a prediction job for the cohort on the Predictions page.")
+    st.page_link("pages/predictions.py", label="Go to Predictions", icon=":material/play_circle:")
+    st.caption(f"Or from a shell: `python -m core.cli predict --cohort {cohort}`.")
 
 
 def model_tiling(model_key: str | None) -> tuple[float, float]:
     """(tile µm, µm/px) of the model, or the default tiling when there is no model yet."""
     if model_key is None:
-        from core.wsi.slide import TilingParams
+        from core.wsi.tiling import TilingParams
 
         return TilingParams().tile_um, TilingParams().mpp
-    card = query("store:model_info", model_key)["card"]
-    return float(card["tile_um"]), float(card["mpp"])
+    return query(Store.model_info, model_key).tiling
 
 
 def genes(model_key: str) -> list[str]:
-    return list(query("store:model_info", model_key)["genes"])
+    return list(query(Store.model_info, model_key).genes)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Cohort: patients × slides × clinical × prediction status, with filters and CSV export."""
 import streamlit as st
 
+from core.store.db import Store
 from pages import _ui
 
 st.header("Cohort")
@@ -8,8 +9,8 @@ with _ui.guard():
     _ui.flash()
     cohort, model = _ui.sidebar()
     if cohort:
-        runs = _ui.query("store:cohort_runs", cohort, model)
-        clinical = _ui.query("store:clinical", cohort)
+        runs = _ui.query(Store.cohort_runs, cohort, model)
+        clinical = _ui.query(Store.clinical, cohort)
         table = runs.assign(predicted=runs["run_key"].notna()).merge(
             clinical, left_on="patient", right_on="bcr_patient_barcode", how="left")
         c1, c2, c3, c4 = st.columns(4)

@@ -1,8 +1,10 @@
 """Cross-modal: gene → the tiles that express it most; tile → its predicted profile and look-alikes."""
 import streamlit as st
 
+from core.analysis import crossmodal
 from core.analysis.maps import parse_signature
 from core.analysis.plots import profile_bars
+from core.store.db import Store
 from pages import _ui
 
 
@@ -29,11 +31,11 @@ def patch_query(model_key: str, run_keys: tuple):
     out = _ui.patch_prediction(model_key, upload.getvalue(), upload.name, float(mpp), tile_um)
     left, right = st.columns([1, 2])
     left.image(out["tile"], caption=f"{upload.name}: {out['note']}", width="stretch")
-    profile = _ui.query("core.analysis.crossmodal:patch_profile", model_key, list(run_keys), out["expression"])
+    profile = _ui.query(crossmodal.patch_profile, model_key, list(run_keys), out["expression"])
     right.plotly_chart(profile_bars(profile), width="stretch", key="xm_patch_profile")
     st.caption("Bars: predicted log1p(CP10k); red = above the cohort's mean of slide means.")
     st.subheader("Most similar tiles across the cohort")
-    return _ui.query("core.analysis.crossmodal:similar_to_embedding", model_key, list(run_keys), out["embedding"])
+    return _ui.query(crossmodal.similar_to_embedding, model_key, list(run_keys), out["embedding"])
 
 
 st.header("Cross-modal")
@@ -41,7 +43,7 @@ with _ui.guard():
     cohort, model = _ui.sidebar()
     if cohort:
         _ui.require_model(model)
-        runs = _ui.query("store:cohort_runs", cohort, model).dropna(subset=["run_key"])
+        runs = _ui.query(Store.cohort_runs, cohort, model).dropna(subset=["run_key"])
         if runs.empty:
             st.info("No predictions for this cohort and model yet.")
             st.stop()
@@ -56,7 +58,7 @@ with _ui.guard():
             k = c3.slider("Tiles", 6, 48, 24, 6, key="xm_k")
             query_genes = parse_signature(signature, genes) if signature.strip() else [gene]
             what = ", ".join(query_genes) if len(query_genes) > 1 else query_genes[0]
-            top = _ui.query("core.analysis.crossmodal:top_tiles", model, query_genes, list(run_keys), k)
+            top = _ui.query(crossmodal.top_tiles, model, query_genes, list(run_keys), k)
             st.caption(f"The {len(top)} tiles across {len(run_keys)} slides with the highest predicted "
                        + (f"mean of {what}." if len(query_genes) > 1 else f"{what}."))
             gallery(top, "value")
@@ -68,15 +70,15 @@ with _ui.guard():
                 slide_name = c1.selectbox("Slide", list(runs["slide_name"]), key="xm_slide")
                 row = runs[runs["slide_name"] == slide_name].iloc[0]
                 tile_idx = c2.number_input("Tile index", 0, int(row["n_tiles"]) - 1, 0, key="xm_tile")
-                tiles = _ui.query("store:heatmap", model, row["run_key"], genes[0])
+                tiles = _ui.query(Store.heatmap, model, row["run_key"], genes[0])
                 tile = tiles[tiles["tile_idx"] == tile_idx].iloc[0]
                 left, right = st.columns([1, 2])
                 left.image(_ui.tile_image(row["slide_path"], tile["x"], tile["y"], int(row["tile_size"]), 320),
                            caption=f"tile {tile_idx} at ({tile['x']}, {tile['y']})", width="stretch")
-                profile = _ui.query("core.analysis.crossmodal:tile_profile", model, row["run_key"], int(tile_idx))
+                profile = _ui.query(crossmodal.tile_profile, model, row["run_key"], int(tile_idx))
                 right.plotly_chart(profile_bars(profile), width="stretch", key="xm_profile")
                 st.subheader("Similar tiles across the cohort")
-                similar = _ui.query("core.analysis.crossmodal:similar_tiles", model, list(run_keys), row["run_key"],
+                similar = _ui.query(crossmodal.similar_tiles, model, list(run_keys), row["run_key"],
                                     int(tile_idx))
             else:
                 similar = patch_query(model, run_keys)

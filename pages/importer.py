@@ -4,13 +4,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from core.store.db import Store
+from core.vocab import ENDPOINTS, SlideStatus
 from pages import _ui
-
-STATUS_HELP = {
-    "ok": "ready to predict", "needs_mpp": "set its µm/px below", "no_tissue": "no tile with enough tissue",
-    "unsupported": "a format OpenSlide does not read", "unreadable": "truncated or damaged",
-    "duplicate": "same content as another file", "not_a_slide": "not a whole-slide file",
-}
 
 
 def saved_upload(upload, folder: Path) -> Path:
@@ -35,7 +31,7 @@ def mapping_widgets(clinical_path: Path):
     c1, c2, c3, c4, c5 = st.columns(5)
     with c1:
         patient = pick("Patient id", guess.patient if guess else None, "imp_pat")
-    endpoint = c2.selectbox("Endpoint", ["OS", "DSS", "DFI", "PFI"], key="imp_ep")
+    endpoint = c2.selectbox("Endpoint", list(ENDPOINTS), key="imp_ep")
     with c3:
         time_col = pick("Time", guess_ep[1][0] if isinstance(guess_ep[1][0], str) else None, "imp_time")
     with c4:
@@ -82,26 +78,31 @@ def import_form() -> None:
                                    progress=lambda i, n, f: bar.progress(i / max(n, 1), text=f"Probing {f}"))
         bar.empty()
         counts = report.counts()
-        st.success(f"Imported '{name}': {counts['files']} files, {counts['linked']} linked to "
-                   f"{counts['patients']} patients ({report.clinical_format}).")
-        st.session_state["report_cohort"] = name
+        st.success(f"Imported '{name}': {counts['files']} files found, {counts.get('ok', 0)} slides ready, "
+                   f"{counts['linked']} slides linked to a patient; the clinical table "
+                   f"({report.clinical_format}) has {counts['patients']} patients.")
+        for issue in report.issues:
+            if issue["kind"] == "slides":
+                st.warning(issue["message"])
+        st.session_state["imp_report_cohort"] = name   # the link report below shows the new cohort
 
 
 def report(cohort: str) -> None:
-    slides = _ui.query("store:cohort_slides", cohort)
-    clinical = _ui.query("store:clinical", cohort)
-    issues = _ui.query("store:cohort_issues", cohort)
+    slides = _ui.query(Store.cohort_slides, cohort)
+    clinical = _ui.query(Store.clinical, cohort)
+    issues = _ui.query(Store.cohort_issues, cohort)
     patients = set(clinical["bcr_patient_barcode"].astype(str))
     without = sorted(patients - set(slides["patient"].dropna()))
     counts = slides["status"].value_counts()
     cols = st.columns(5)
     cols[0].metric("Files", len(slides))
-    cols[1].metric("Ready", int(counts.get("ok", 0)))
-    cols[2].metric("Linked", int((slides["link"] == "linked").sum()))
-    cols[3].metric("Patients", len(patients))
+    cols[1].metric("Ready", int(counts.get(SlideStatus.OK, 0)))
+    cols[2].metric("Slides linked", int((slides["link"] == "linked").sum()),
+                   help="Slides whose TCGA barcode names a patient of the clinical table.")
+    cols[3].metric("Patients in the table", len(patients))
     cols[4].metric("Patients without slides", len(without))
     summary = pd.DataFrame({"status": counts.index, "slides": counts.values,
-                            "meaning": [STATUS_HELP.get(s, "") for s in counts.index]})
+                            "meaning": [SlideStatus(s).help for s in counts.index]})
     st.dataframe(summary, hide_index=True, key="imp_summary")
     shown = ["slide_name", "patient", "status", "link", "selected", "slide_type", "mpp", "mpp_source", "vendor",
              "levels", "n_tiles", "tissue_fraction", "message"]
@@ -113,7 +114,7 @@ def report(cohort: str) -> None:
             st.dataframe(issues, hide_index=True, width="stretch", key="imp_issues")
     st.download_button("Export link report (CSV)", slides.drop(columns=["fingerprint"]).to_csv(index=False),
                        file_name=f"tessera_{cohort}_link_report.csv", mime="text/csv", key="imp_export")
-    needs = slides[slides["status"] == "needs_mpp"]
+    needs = slides[slides["status"] == SlideStatus.NEEDS_MPP]
     if not needs.empty:
         st.subheader("Slides that need µm/px")
         choice = st.selectbox("Slide", list(needs["slide_name"]), key="imp_fix_slide")
@@ -126,10 +127,10 @@ with _ui.guard():
     _ui.flash()
     with st.expander("New import", expanded=not _ui.store_path().exists()):
         import_form()
-    cohorts = _ui.query("store:cohorts") if _ui.store_path().exists() else []
+    cohorts = _ui.query(Store.cohorts) if _ui.store_path().exists() else []
     if cohorts:
         st.subheader("Link report")
-        default = st.session_state.get("report_cohort")
-        cohort = st.selectbox("Cohort", cohorts, index=cohorts.index(default) if default in cohorts else 0,
-                              key="imp_report_cohort")
+        if st.session_state.get("imp_report_cohort") not in cohorts:
+            st.session_state.pop("imp_report_cohort", None)
+        cohort = st.selectbox("Cohort", cohorts, key="imp_report_cohort")
         report(cohort)

@@ -4,6 +4,7 @@ import time
 import pandas as pd
 import streamlit as st
 
+from core.vocab import MIN_TISSUE
 from pages import _ui
 
 st.header("Predictions")
@@ -12,18 +13,20 @@ with _ui.guard():
     cohort, _ = _ui.sidebar()
     if cohort:
         from core.engine.jobs import start_job
-        from core.engine.modelhub import list_models
+        from core.engine.modelhub import list_cards
 
-        models = list(list_models(_ui.settings().model_dirs))
-        if not models:
+        cards = list_cards(_ui.settings().model_dirs)
+        if not cards:
             st.warning("No model checkpoints found: train one (`python -m core.cli train`) or add a folder "
                        "with model.pt + card.json to models/weights/.")
             st.stop()
+        models = list(cards)
         c1, c2, c3 = st.columns([2, 2, 1])
         model_id = c1.selectbox("Model", models, key="pj_model",
                                 index=models.index(_ui.settings().default_model)
-                                if _ui.settings().default_model in models else 0)
-        min_tissue = c2.slider("Tissue a tile needs", 0.05, 1.0, 0.3, 0.05, key="pj_tissue")
+                                if _ui.settings().default_model in models else 0,
+                                format_func=lambda m: _ui.model_label(f"{m}@{cards[m].get('version', '')}"))
+        min_tissue = c2.slider("Tissue a tile needs", 0.05, 1.0, MIN_TISSUE, 0.05, key="pj_tissue")
         nuclei = c2.checkbox("Also count nuclei per tile", key="pj_nuclei",
                              help="Segments and classifies the nuclei of every tile while the model runs "
                                   "(about 10–20 ms per tile of CPU): nucleus maps on the Slide page.")
@@ -49,6 +52,12 @@ with _ui.guard():
         if _ui.ingest_pending():
             st.toast("New predictions are in the store.")
         jobs = list_jobs(_ui.store_path())
+        active = {job.id for job in jobs if job.active}
+        if st.session_state.get("_active_jobs", set()) - active:
+            # a job ended: rerun the whole page, so its "started" banner goes and the pickers see new runs
+            st.session_state["_active_jobs"] = active
+            st.rerun(scope="app")
+        st.session_state["_active_jobs"] = active
         if not jobs:
             st.caption("No prediction jobs yet.")
             return
@@ -57,18 +66,19 @@ with _ui.guard():
             s = job.status
             with st.container(border=True):
                 top = st.columns([3, 1])
-                top[0].markdown(f"**{s.get('cohort', '?')}** · {s.get('model', '?')} · `{s['status']}`")
-                if job.active and top[1].button("Cancel", key=f"cancel_{job.id}"):
+                top[0].markdown(f"**{s.cohort or '?'}** · {_ui.model_label(s.model) if s.model else '?'} · `{s.status}`")
+                if s.active and top[1].button("Cancel", key=f"cancel_{job.id}"):
                     job.cancel()
-                total, done = int(s.get("total") or 0), int(s.get("done") or 0)
-                if job.active:
-                    st.progress(done / total if total else 0.0,
-                                text=f"{done:,} / {total:,} tiles · {s.get('tiles_per_s', 0):.0f} tiles/s · "
-                                     f"ETA {_eta(s.get('eta_s'))} · {s.get('slide', '')}")
-                elif s.get("message"):
-                    (st.error if s["status"] == "failed" else st.caption)(s["message"])
-            rows.append({"job": job.id, "cohort": s.get("cohort"), "model": s.get("model"), "status": s["status"],
-                         "tiles": done, "started": time.strftime("%H:%M:%S", time.localtime(s.get("started", 0)))})
+                if s.active and not s.total:
+                    st.progress(0.0, text="Planning: checking which slides need work (content hash, tissue grid)…")
+                elif s.active:
+                    st.progress(s.done / s.total,
+                                text=f"{s.done:,} / {s.total:,} tiles · {s.tiles_per_s:.0f} tiles/s · "
+                                     f"ETA {_eta(s.eta_s)} · {s.slide}")
+                elif s.message:
+                    (st.error if s.status == "failed" else st.caption)(s.message)
+            rows.append({"job": job.id, "cohort": s.cohort, "model": s.model, "status": s.status,
+                         "tiles": s.done, "started": time.strftime("%H:%M:%S", time.localtime(s.started))})
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
     st.subheader("Jobs")

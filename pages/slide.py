@@ -2,7 +2,10 @@
 side by side); the tissue mask and tile grid preview."""
 import streamlit as st
 
+from core.analysis.maps import layer_tiles
 from core.analysis.plots import heatmap_overlay
+from core.store.db import Store
+from core.vocab import READABLE_STATUSES, SlideStatus
 from pages import _ui
 
 
@@ -27,10 +30,10 @@ def pick_layer(model: str, row, key: str, default: str, has_nuclei: bool) -> str
 def heatmap(model: str, row, key: str, default: str, opacity: float) -> None:
     from core.analysis.maps import layer_title
 
-    has_nuclei = _ui.query("store:has_nuclei", row["run_key"])
+    has_nuclei = _ui.query(Store.has_nuclei, row["run_key"])
     layer = pick_layer(model, row, key, default, has_nuclei)
     tile_um, _ = _ui.model_tiling(model)
-    tiles = _ui.query("core.analysis.maps:layer_tiles", model, row["run_key"], layer, tile_um)
+    tiles = _ui.query(layer_tiles, model, row["run_key"], layer, tile_um)
     title = layer_title(layer)
     thumb, dims = _ui.thumbnail(row["slide_path"], 1024)
     fig = heatmap_overlay(thumb, dims, tiles, int(row["tile_size"]), title=title.split(" (")[0], opacity=opacity,
@@ -46,13 +49,15 @@ def heatmaps(model: str, row) -> None:
     compare = c1.toggle("Side by side", value=False, key="compare",
                         help="Two layers of the same slide next to each other (e.g. a gene and a signature).")
     opacity = c2.slider("Opacity", 0.0, 1.0, 0.55, 0.05, key="opacity")
+    # each layer has its own guard: a bad signature fails that layer with its message, not the page
     if not compare:
-        heatmap(model, row, "a", "ERBB2", opacity)
+        with _ui.guard():
+            heatmap(model, row, "a", "ERBB2", opacity)
         return
     left, right = st.columns(2)
-    with left:
+    with left, _ui.guard():
         heatmap(model, row, "a", "ERBB2", opacity)
-    with right:
+    with right, _ui.guard():
         heatmap(model, row, "b", "CD8A", opacity)
 
 
@@ -70,29 +75,28 @@ with _ui.guard():
     _ui.flash()
     cohort, model = _ui.sidebar()
     if cohort:
-        slides = _ui.query("store:cohort_runs", cohort, model)
-        slides = slides[slides["status"].isin(["ok", "needs_mpp", "no_tissue"])]
+        slides = _ui.query(Store.cohort_runs, cohort, model)
+        slides = slides[slides["status"].isin(READABLE_STATUSES)]
         if slides.empty:
             st.info("This cohort has no readable slide.")
             st.stop()
         # predicted slides first, then ready ones, each patient's default slide before the others
-        slides = slides.assign(_p=slides["run_key"].isna(), _ok=slides["status"] != "ok",
+        slides = slides.assign(_p=slides["run_key"].isna(), _ok=slides["status"] != SlideStatus.OK,
                                _sel=~slides["selected"].fillna(False).astype(bool))
         slides = slides.sort_values(["_p", "_ok", "_sel", "patient", "slide_name"])
         predicted = set(slides.loc[~slides["_p"], "slide_name"])
         slide_name = st.selectbox("Slide", list(slides["slide_name"]), key="slide",
                                   format_func=lambda n: n if n in predicted else f"{n} (not predicted)")
         row = slides[slides["slide_name"] == slide_name].iloc[0]
-        if row["status"] == "needs_mpp":
+        if row["status"] == SlideStatus.NEEDS_MPP:
             st.warning(row["message"])
             _ui.mpp_fix_form(cohort, row["slide_name"], row["slide_path"], key="slide")
             st.stop()
         heat_tab, mask_tab = st.tabs(["Heatmap", "Tissue mask and tile grid"])
         with heat_tab:
             if row["run_key"] is None or row["run_key"] != row["run_key"]:
-                st.info("Not predicted yet with this model: run `python -m core.cli predict "
-                        f"--cohort {cohort}`.")
+                _ui.not_predicted(cohort)
             else:
                 heatmaps(model, row)
-        with mask_tab:
+        with mask_tab, _ui.guard():
             tissue_preview(model, row)

@@ -1,8 +1,8 @@
 """Survival: a predicted biomarker split at the median, KM curves, log-rank p, Cox HR (95 % CI)."""
 import streamlit as st
 
-from core.analysis.biomarkers import STATS
-from core.cohort.barcodes import ENDPOINTS
+from core.analysis.biomarkers import STATS, survival_table
+from core.vocab import ENDPOINTS
 from core.analysis.plots import km_figure
 from core.analysis.survival import split_survival
 from pages import _ui
@@ -19,10 +19,14 @@ with _ui.guard():
         stat = c3.selectbox("Slide statistic", list(STATS), key="sv_stat",
                             help="morans_i: spatial heterogeneity; frac_high: share of tiles above the cohort's 75th percentile")
         split = c4.selectbox("Split", ["median", "tertile"], key="sv_split")
-        data = _ui.query("core.analysis.biomarkers:survival_table", cohort, model, gene, endpoint, stat=stat)
+        data = _ui.query(survival_table, cohort, model, gene, endpoint, stat=stat)
         result = split_survival(data, gene, endpoint, split=split)
         m1, m2, m3, m4 = st.columns(4)
-        m1.metric("Patients (events)", f"{result.n} ({result.events})")
+        m1.metric("Patients (events)", f"{result.n} ({result.events})",
+                  help="Patients in the two groups compared, and their events.")
+        if result.n_excluded:
+            m1.caption(f"Tertile split: top vs bottom third; the middle third ({result.n_excluded} patients) "
+                       "is left out of the curves, the log-rank test and the high-vs-low HR.")
         m2.metric("Log-rank p", f"{result.logrank_p:.3g}")
         m3.metric("Cox HR high vs low", f"{result.cox.hr:.2f}",
                   help=f"95 % CI {result.cox.ci_lower:.2f}–{result.cox.ci_upper:.2f}, p={result.cox.p:.3g}")

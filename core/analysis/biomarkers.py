@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from core.cohort.barcodes import survival_frame
+from core.analysis.survival import survival_frame
 from core.errors import AnalysisError
 
 # Slide-level statistics of a gene's tile predictions: mean, median, 90th percentile, Moran's I

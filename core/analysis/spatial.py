@@ -1,4 +1,4 @@
-"""Spatial statistics of tile-level predictions on a slide's regular tile grid."""
+"""Spatial statistics of tile-level predictions on a slide's regular tile grid, and the per-slide summary."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,3 +38,16 @@ def morans_i(values: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = (n / (2.0 * len(pairs))) * cross / denom
     return np.where(denom > 0, out, np.nan)
+
+
+def slide_summary(expression: np.ndarray, xy: np.ndarray, tile_size: int, genes: list[str]):
+    """Per gene of one slide: mean, median, 90th percentile and Moran's I of the tile predictions
+    (``expression`` [N, G], tiles at level-0 top-left ``xy`` on a grid of pitch ``tile_size``).
+    What :meth:`core.store.db.Store.write_run` stores in ``slide_summary``."""
+    import pandas as pd
+
+    expression = np.asarray(expression)
+    q = np.quantile(expression, [0.5, 0.9], axis=0)
+    moran = morans_i(expression, grid_neighbours(xy, tile_size))
+    return pd.DataFrame({"gene": list(genes), "mean": expression.mean(axis=0), "median": q[0], "q90": q[1],
+                         "morans_i": moran.astype(np.float32)})

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from core.errors import AnalysisError
+from core.errors import AnalysisError, ClinicalFormatError
+from core.vocab import ENDPOINTS
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,20 @@ class SplitSurvival:
     cox_continuous: CoxResult
     n: int
     events: int
+    n_excluded: int = 0   # patients left out by the split (the middle third of a tertile split)
+
+
+def survival_frame(clinical: pd.DataFrame, endpoint: str) -> pd.DataFrame:
+    """Patient, time (days) and event for one endpoint; rows without a usable time removed."""
+    if endpoint not in ENDPOINTS:
+        raise ClinicalFormatError(f"Unknown endpoint {endpoint}; choose one of {', '.join(ENDPOINTS)}.")
+    missing = [c for c in (endpoint, f"{endpoint}.time") if c not in clinical.columns]
+    if missing:
+        raise ClinicalFormatError(f"The clinical table has no {', '.join(missing)} column.")
+    df = clinical[["bcr_patient_barcode", endpoint, f"{endpoint}.time"]].copy()
+    df.columns = ["patient", "event", "time"]
+    df = df[np.isfinite(df["time"]) & (df["time"] >= 0) & df["event"].isin([0, 1])]
+    return df.reset_index(drop=True)
 
 
 def km_curve(time: np.ndarray, event: np.ndarray, label: str) -> KMCurve:
@@ -80,6 +95,7 @@ def split_survival(data: pd.DataFrame, variable: str, endpoint: str, *, split: s
         raise AnalysisError(f"{endpoint}: {len(df)} patients with {int(df['event'].sum())} events — "
                             "too few for a survival comparison (need ≥ 10 patients and ≥ 3 events).")
     values = df[variable].to_numpy(dtype=float)
+    n_all = len(df)
     if split == "tertile":
         lo, hi = np.quantile(values, [1 / 3, 2 / 3])
         df = df[(values <= lo) | (values > hi)].copy()
@@ -98,4 +114,4 @@ def split_survival(data: pd.DataFrame, variable: str, endpoint: str, *, split: s
     return SplitSurvival(variable=variable, endpoint=endpoint, cutoff=cutoff, curves=curves,
                          logrank_p=float(test.p_value), logrank_stat=float(test.test_statistic),
                          cox=cox(df, "high"), cox_continuous=cox(z, variable),
-                         n=int(len(df)), events=int(df["event"].sum()))
+                         n=int(len(df)), events=int(df["event"].sum()), n_excluded=n_all - int(len(df)))

@@ -1,5 +1,5 @@
-"""TCGA barcodes and survival endpoints (slide linking lives in ``core.cohort.importer``, clinical readers in
-``core.cohort.clinical``)."""
+"""TCGA barcodes parsed from file names (slide linking lives in :mod:`core.cohort.importer`, clinical
+readers in :mod:`core.cohort.clinical`)."""
 from __future__ import annotations
 
 import logging
@@ -7,17 +7,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from core.errors import ClinicalFormatError
+from core.vocab import TCGA_PATIENT
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("OS", "DSS", "DFI", "PFI")
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
 _BARCODE = re.compile(
-    r"^(?P<patient>TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})"
+    rf"^(?P<patient>{TCGA_PATIENT})"
     r"(?:-(?P<sample>\d{2})(?P<vial>[A-Z])?(?:-(?P<portion>\d{2})(?P<analyte>[A-Z])?"
     r"(?:-(?P<slide>(?:DX|TS|BS|MS)[A-Z0-9]*))?)?)?",
     re.IGNORECASE,
@@ -50,16 +45,3 @@ def parse_barcode(name: str) -> Barcode | None:
     if not m:
         return None
     return Barcode(m["patient"].upper(), m["sample"], m["slide"].upper() if m["slide"] else None)
-
-
-def survival_frame(clinical: pd.DataFrame, endpoint: str) -> pd.DataFrame:
-    """Patient, time (days) and event for one endpoint; rows without a usable time removed."""
-    if endpoint not in ENDPOINTS:
-        raise ClinicalFormatError(f"Unknown endpoint {endpoint}; choose one of {', '.join(ENDPOINTS)}.")
-    missing = [c for c in (endpoint, f"{endpoint}.time") if c not in clinical.columns]
-    if missing:
-        raise ClinicalFormatError(f"The clinical table has no {', '.join(missing)} column.")
-    df = clinical[["bcr_patient_barcode", endpoint, f"{endpoint}.time"]].copy()
-    df.columns = ["patient", "event", "time"]
-    df = df[np.isfinite(df["time"]) & (df["time"] >= 0) & df["event"].isin([0, 1])]
-    return df.reset_index(drop=True)

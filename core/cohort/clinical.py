@@ -21,10 +21,11 @@ from typing import Mapping
 import pandas as pd
 
 from core.cohort.clinical_io import _drop_index_columns, preview_columns, read_raw
-from core.cohort.clinical_values import (ENDPOINT_COLUMNS, ENDPOINTS, EVENT_WORDS, MISSING_MARKERS,  # noqa: F401 re-exported
+from core.cohort.clinical_values import (ENDPOINT_COLUMNS, EVENT_WORDS, MISSING_MARKERS,  # noqa: F401 re-exported
                                   ClinicalIssue, Issues, assemble, clean_times, infer_numeric, is_missing,
                                   keep_identified, normalise_ids, parse_events, report_missing, some)
 from core.errors import ClinicalFormatError
+from core.vocab import ENDPOINTS, slug
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,6 @@ def detect_format(path: str | Path, *, sheet=None) -> str:
 
 # ---------------------------------------------------------------- guessing a mapping
 
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
-
-
 _PATIENT_NAMES = ("bcr_patient_barcode", "patient_id", "patient", "case_submitter_id", "cases_submitter_id",
                   "submitter_id", "case_id", "patientid", "subject_id", "subject", "participant_id",
                   "sample_id", "sample", "id")
@@ -137,7 +134,7 @@ def suggest_mapping(columns) -> ColumnMapping | None:
     ``days_to_death``/``vital_status``, …); None when no patient id or no endpoint is recognised."""
     by_norm = {}
     for c in columns:
-        by_norm.setdefault(_norm(c), c)
+        by_norm.setdefault(slug(c), c)
     patient = next((by_norm[n] for n in _PATIENT_NAMES if n in by_norm), None)
     endpoints, units = {}, []
     for ep in ENDPOINTS:
@@ -146,11 +143,11 @@ def suggest_mapping(columns) -> ColumnMapping | None:
         event_col = next((by_norm[n] for n in event_names if n in by_norm), None)
         if time_col is None or event_col is None:
             continue
-        if _norm(time_col) == "days_to_death":
+        if slug(time_col) == "days_to_death":
             follow = [by_norm[n] for n in ("days_to_last_follow_up", "days_to_last_followup") if n in by_norm]
             time_col = (time_col, *follow) if follow else time_col
         endpoints[ep] = (time_col, event_col)
-        units.append(next((u for u in ("month", "year") if u in _norm(_as_tuple(time_col)[0])), "day") + "s")
+        units.append(next((u for u in ("month", "year") if u in slug(_as_tuple(time_col)[0])), "day") + "s")
     if patient is None or not endpoints:
         return None
     return ColumnMapping(patient=patient, endpoints=endpoints, time_unit=units[0])

@@ -15,9 +15,10 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from core.vocab import ENDPOINTS, TCGA_PATIENT
+
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("OS", "DSS", "DFI", "PFI")
 ENDPOINT_COLUMNS = tuple(c for ep in ENDPOINTS for c in (ep, f"{ep}.time"))
 # Strings that mean "not known" in TCGA, GDC and cBioPortal files; read as missing, not as odd.
 MISSING_MARKERS = frozenset({"", "na", "n/a", "nan", "none", "null", "--", "'--", "not reported", "unknown",
@@ -27,7 +28,7 @@ EVENT_WORDS = {"dead": 1, "deceased": 1, "died": 1, "yes": 1, "true": 1, "event"
                "recurred": 1, "recurred/progressed": 1, "relapse": 1, "alive": 0, "living": 0, "no": 0,
                "false": 0, "censored": 0, "diseasefree": 0, "disease free": 0}
 _CBIO_EVENT = re.compile(r"^\s*([01])\s*:")  # cBioPortal "1:DECEASED", "0:DiseaseFree"
-_TCGA_PATIENT = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(?:-|$)", re.IGNORECASE)
+_TCGA_PATIENT = re.compile(rf"^({TCGA_PATIENT})(?:-|$)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

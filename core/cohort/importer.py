@@ -1,33 +1,29 @@
 """Importing a cohort as users have it: a folder of slides + a clinical table → a link report.
 
-Every file found and every clinical patient ends up in the report with a status and a reason;
-nothing is dropped silently. Slide statuses:
-
-- ``ok``            readable, µm/px known, tissue found
-- ``needs_mpp``     readable but no µm/px in the metadata: fix it in the UI or with ``--mpp``
-- ``no_tissue``     readable, but no tile has enough tissue
-- ``unsupported``   a format OpenSlide does not read (plain TIFF, DICOM in OpenSlide 4.0, …)
-- ``unreadable``    OpenSlide fails on it: truncated or damaged
-- ``duplicate``     same content as another slide in the folder (kept once)
-- ``not_a_slide``   a file with no whole-slide suffix (listed, not opened)
+Every file found and every clinical patient ends up in the report with a status and a reason
+(:class:`core.vocab.SlideStatus`); nothing is dropped silently.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from core.cohort.barcodes import SLIDE_SUFFIXES, parse_barcode
-from core.errors import ClinicalFormatError, NoTissueError, SlideOpenError
-from core.wsi.slide import Slide, TilingParams, tile_grid, tissue_mask
-from core.store.db import SLIDE_COLUMNS
+from core.cohort.barcodes import parse_barcode
+from core.errors import ClinicalFormatError, MissingMppError, NoTissueError, SlideOpenError
+from core.store.db import SLIDE_COLUMNS, Store
+from core.vocab import CANDIDATE_SUFFIXES, VENDOR_SUFFIXES, SlideStatus
+from core.wsi.fingerprint import fingerprint
+from core.wsi.slide import Slide
+from core.wsi.tiling import TilingParams, tile_grid, tissue_mask
 
 log = logging.getLogger(__name__)
-CANDIDATE_SUFFIXES = SLIDE_SUFFIXES | {".dcm", ".isyntax", ".czi", ".qptiff"}
+
+
 @dataclass
 class ImportReport:
     """What an import found: one row per file, the patients without slides, clinical issues."""
@@ -72,9 +68,32 @@ def _override_for(path: Path, overrides: dict[str, float]) -> float | None:
     return None
 
 
-def probe_slide(path: Path, *, tiling: TilingParams, mpp_override: float | None = None) -> dict:
+@dataclass(frozen=True)
+class SlideProbe:
+    """What opening one file told us: its status, why, and the slide's vital numbers."""
+
+    slide_name: str
+    slide_path: str
+    status: SlideStatus
+    message: str = ""
+    vendor: str | None = None
+    width: int | None = None
+    height: int | None = None
+    levels: int | None = None
+    objective: float | None = None
+    mpp: float | None = None
+    mpp_source: str | None = None
+    tissue_fraction: float | None = None
+    n_tiles: int | None = None
+
+    def row(self) -> dict:
+        """The import-report columns of this slide (status as its plain string)."""
+        return {**asdict(self), "status": str(self.status)}
+
+
+def probe_slide(path: Path, *, tiling: TilingParams, mpp_override: float | None = None) -> SlideProbe:
     """Open a slide and find out whether it can be predicted; never raises for bad slides."""
-    row: dict = {"slide_name": path.name, "slide_path": str(path.resolve()), "status": "ok", "message": ""}
+    row: dict = {"slide_name": path.name, "slide_path": str(path.resolve()), "status": SlideStatus.OK, "message": ""}
     try:
         with Slide(path, mpp_override=mpp_override) as slide:
             row.update(vendor=slide.vendor, width=slide.dimensions[0], height=slide.dimensions[1],
@@ -82,9 +101,9 @@ def probe_slide(path: Path, *, tiling: TilingParams, mpp_override: float | None 
             slide.thumbnail(256)  # decodes the low levels: catches truncated files early
             try:
                 row.update(mpp=slide.mpp, mpp_source=slide.mpp_source)
-            except Exception as exc:  # MissingMppError
-                row.update(status="needs_mpp", message=str(exc), mpp_source="unknown")
-                return row
+            except MissingMppError as exc:
+                return SlideProbe(**{**row, "status": SlideStatus.NEEDS_MPP, "message": str(exc),
+                                     "mpp_source": "unknown"})
             if "estimate" in slide.mpp_source:
                 row["message"] = (f"µm/px {slide.mpp:.3g} estimated from the objective power "
                                   f"({slide.objective_power:g}×); set it exactly if known.")
@@ -94,44 +113,44 @@ def probe_slide(path: Path, *, tiling: TilingParams, mpp_override: float | None 
     except SlideOpenError as exc:
         row.update(_classify_open_error(path, exc))
     except NoTissueError as exc:
-        row.update(status="no_tissue", message=str(exc), n_tiles=0)
+        row.update(status=SlideStatus.NO_TISSUE, message=str(exc), n_tiles=0)
     except Exception as exc:  # OpenSlideError while decoding tiles of a damaged file
-        row.update(status="unreadable", message=f"{path.name}: reading failed ({type(exc).__name__}: {exc}); "
-                                                "the file may be truncated or damaged.")
-    return row
-
-
-# Formats whose files always open when intact: OpenSlide refusing one means damage, not format.
-_VENDOR_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
+        row.update(status=SlideStatus.UNREADABLE,
+                   message=f"{path.name}: reading failed ({type(exc).__name__}: {exc}); "
+                           "the file may be truncated or damaged.")
+    return SlideProbe(**row)
 
 
 def _classify_open_error(path: Path, exc: SlideOpenError) -> dict:
     suffix = path.suffix.lower()
-    if exc.kind == "unsupported" and suffix in _VENDOR_SUFFIXES:
-        return {"status": "unreadable", "message": (
+    if exc.kind == "unsupported" and suffix in VENDOR_SUFFIXES:
+        return {"status": SlideStatus.UNREADABLE, "message": (
             f"{path.name}: OpenSlide does not recognise this {suffix} file ({path.stat().st_size:,} bytes); "
             "it is probably truncated or damaged. Download it again.")}
     if suffix == ".dcm":
-        return {"status": "unsupported", "message": (
+        return {"status": SlideStatus.UNSUPPORTED, "message": (
             f"{path.name}: OpenSlide could not read this DICOM file ({exc.__cause__ or exc}). DICOM WSI needs "
             "the complete series of one slide in its own folder; otherwise convert it to a pyramidal TIFF.")}
     if exc.kind == "unsupported" and suffix in {".tif", ".tiff"}:
-        return {"status": "unsupported", "message": (
+        return {"status": SlideStatus.UNSUPPORTED, "message": (
             f"{path.name}: a TIFF without a tiled pyramid, which OpenSlide does not read as a slide. "
             "Convert it to a tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid).")}
-    return {"status": exc.kind if exc.kind in ("unsupported", "unreadable") else "unreadable", "message": str(exc)}
+    kind = SlideStatus.UNSUPPORTED if exc.kind == "unsupported" else SlideStatus.UNREADABLE
+    return {"status": kind, "message": str(exc)}
 
 
 def _select_per_patient(df: pd.DataFrame) -> pd.Series:
     """Default slide per patient: usable first, then diagnostic (DX), primary tumour, then name."""
+    selected = pd.Series(False, index=df.index)
+    if df.empty:
+        return selected
     rank = pd.DataFrame({
-        "usable": ~(df["status"] == "ok"),
-        "dx": ~df["slide_type"].fillna("").str.startswith("diagnostic"),
+        "usable": ~(df["status"] == SlideStatus.OK),
+        "dx": ~df["slide_type"].fillna("").astype(str).str.startswith("diagnostic"),
         "primary": ~(df["sample_type"] == "primary tumour"),
         "name": df["slide_name"],
     }, index=df.index)
-    selected = pd.Series(False, index=df.index)
-    linked = df[df["patient"].notna() & df["status"].isin(["ok", "needs_mpp"])]
+    linked = df[df["patient"].notna() & df["status"].isin([SlideStatus.OK, SlideStatus.NEEDS_MPP])]
     for _, idx in linked.groupby("patient").groups.items():
         selected[rank.loc[idx].sort_values(["usable", "dx", "primary", "name"]).index[0]] = True
     return selected
@@ -140,7 +159,7 @@ def _select_per_patient(df: pd.DataFrame) -> pd.Series:
 def scan_folder(folder: Path, *, tiling: TilingParams, fingerprint: Callable[[Path], str],
                 mpp_overrides: dict[str, float] | None = None,
                 progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
-    """Probe every file under ``folder`` (recursively); one row per file."""
+    """Probe every file under ``folder`` (recursively); one row per file (``SLIDE_COLUMNS``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ClinicalFormatError(f"Slide folder not found: {folder}")
@@ -149,51 +168,68 @@ def scan_folder(folder: Path, *, tiling: TilingParams, fingerprint: Callable[[Pa
     for i, path in enumerate(files):
         if progress:
             progress(i, len(files), path.name)
+        base = {"slide_name": path.name, "slide_path": str(path.resolve())}
         if path.suffix.lower() not in CANDIDATE_SUFFIXES:
-            rows.append({"slide_name": path.name, "slide_path": str(path.resolve()), "status": "not_a_slide",
+            rows.append({**base, "status": str(SlideStatus.NOT_A_SLIDE),
                          "message": f"ignored: {path.suffix or 'no'} suffix is not a whole-slide format"})
             continue
         fp = fingerprint(path)
         if fp in seen:
-            rows.append({"slide_name": path.name, "slide_path": str(path.resolve()), "fingerprint": fp,
-                         "status": "duplicate", "message": f"same content as {seen[fp]}; imported once"})
+            rows.append({**base, "fingerprint": fp, "status": str(SlideStatus.DUPLICATE),
+                         "message": f"same content as {seen[fp]}; imported once"})
             continue
         seen[fp] = path.name
-        row = probe_slide(path, tiling=tiling, mpp_override=_override_for(path, mpp_overrides or {}))
-        rows.append({**row, "fingerprint": fp})
-    return pd.DataFrame(rows).reindex(columns=SLIDE_COLUMNS)
+        probe = probe_slide(path, tiling=tiling, mpp_override=_override_for(path, mpp_overrides or {}))
+        rows.append({**probe.row(), "fingerprint": fp})
+    return pd.DataFrame(rows, columns=SLIDE_COLUMNS).astype({"slide_name": object, "slide_path": object,
+                                                             "status": object, "message": object})
 
 
 def link(slides: pd.DataFrame, clinical: pd.DataFrame) -> pd.DataFrame:
     """Add barcode fields, the link status and the per-patient default slide."""
     slides = slides.copy()
     patients = set(clinical["bcr_patient_barcode"].astype(str))
-    barcodes = [parse_barcode(n) if s != "not_a_slide" else None for n, s in zip(slides["slide_name"], slides["status"])]
+    barcodes = [parse_barcode(n) if s != SlideStatus.NOT_A_SLIDE else None
+                for n, s in zip(slides["slide_name"], slides["status"])]
     slides["patient"] = [b.patient if b else None for b in barcodes]
     slides["sample_type"] = [b.sample_type if b else None for b in barcodes]
     slides["slide_type"] = [b.slide_type if b else None for b in barcodes]
     slides["link"] = [
-        "not a slide" if s == "not_a_slide" else
+        "not a slide" if s == SlideStatus.NOT_A_SLIDE else
         "no barcode" if b is None else "linked" if b.patient in patients else "no clinical"
         for b, s in zip(barcodes, slides["status"])]
     slides["selected"] = _select_per_patient(slides)
     return slides
 
 
-def import_cohort(store, name: str, slides_dir: Path, clinical_path: Path, *, mapping=None, fmt: str | None = None,
-                  mpp_overrides: dict[str, float] | None = None, tiling: TilingParams | None = None,
-                  progress=None) -> ImportReport:
+def _folder_issues(slides: pd.DataFrame, slides_dir: Path) -> list[dict]:
+    """Say so when the folder gave nothing to predict (the report still lists what it found)."""
+    if slides.empty:
+        return [{"severity": "warning", "kind": "slides", "subject": str(slides_dir),
+                 "message": f"No file found under {slides_dir}: the cohort has clinical data only. "
+                            "Import again with the folder that holds the slides."}]
+    if not (slides["status"] == SlideStatus.OK).any():
+        found = ", ".join(f"{n} {s}" for s, n in slides["status"].value_counts().items())
+        return [{"severity": "warning", "kind": "slides", "subject": str(slides_dir),
+                 "message": f"No slide under {slides_dir} is ready to predict ({found}); "
+                            "see each file's message below."}]
+    return []
+
+
+def import_cohort(store: Store, name: str, slides_dir: Path, clinical_path: Path, *, mapping=None,
+                  fmt: str | None = None, mpp_overrides: dict[str, float] | None = None,
+                  tiling: TilingParams | None = None, progress=None) -> ImportReport:
     """Scan, probe, link and save cohort ``name`` in the store; returns the link report."""
     from core.cohort.clinical import read_clinical
-    from core.engine.predict import fingerprint
 
     clinical = read_clinical(clinical_path, mapping=mapping, fmt=fmt)
     tiling = tiling or TilingParams()
     slides = scan_folder(slides_dir, tiling=tiling, fingerprint=lambda p: fingerprint(store, p),
                          mpp_overrides=mpp_overrides, progress=progress)
     slides = link(slides, clinical.table)
-    issues = [{"severity": i.severity, "kind": "clinical", "subject": i.patient or i.column or "",
-               "message": i.message} for i in clinical.issues]
+    issues = _folder_issues(slides, Path(slides_dir))
+    issues += [{"severity": i.severity, "kind": "clinical", "subject": i.patient or i.column or "",
+                "message": i.message} for i in clinical.issues]
     report = ImportReport(name, slides, clinical.table, clinical.format, issues)
     store.save_cohort(name, slides, clinical.table,
                       {"kind": "import", "slides": str(slides_dir), "clinical": str(clinical_path),
@@ -202,11 +238,13 @@ def import_cohort(store, name: str, slides_dir: Path, clinical_path: Path, *, ma
     return report
 
 
-def fix_slide_mpp(store, cohort: str, slide_path: str, mpp: float, *, tiling: TilingParams | None = None) -> dict:
+def fix_slide_mpp(store: Store, cohort: str, slide_path: str, mpp: float, *,
+                  tiling: TilingParams | None = None) -> SlideProbe:
     """Set a user-given µm/px for one slide, re-probe it with that value and save the new status."""
     if not 0.05 <= float(mpp) <= 20:
         raise ClinicalFormatError(f"µm/px must be between 0.05 and 20 (typical: 0.25 at 40×, 0.5 at 20×); got {mpp}.")
-    row = probe_slide(Path(slide_path), tiling=tiling or TilingParams(), mpp_override=float(mpp))
-    store.update_slide(cohort, slide_path, {k: row.get(k) for k in
+    probe = probe_slide(Path(slide_path), tiling=tiling or TilingParams(), mpp_override=float(mpp))
+    row = probe.row()
+    store.update_slide(cohort, slide_path, {k: row[k] for k in
                                             ("status", "message", "mpp", "mpp_source", "tissue_fraction", "n_tiles")})
-    return row
+    return probe

@@ -1,6 +1,6 @@
 """``--engine ray``: the same engine, spread over a Ray cluster, results in the same store.
 
-Each Ray actor loads the model once and builds one :class:`core.engine.predict.Engine` (one actor per
+Each Ray actor loads the model once and builds one :class:`core.engine.loop.Engine` (one actor per
 GPU when the cluster has GPUs, else one per ``cpus_per_actor`` CPUs). The driver hands out small
 groups of slides; an actor plans them (fingerprint, cache check, tissue grid — it reads the
 store read-only), computes the missing chunks into the spool and returns. Only the driver
@@ -15,7 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from core.engine.modelhub import LoadedModel
-from core.engine.predict import SlideResult, StoreAccess
+from core.engine.access import StoreAccess
+from core.engine.plan import SlideResult, usable_slides
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def _actor_class():
             import torch
 
             from core.engine.modelhub import load_model
-            from core.engine.predict import Engine
+            from core.engine.loop import Engine
 
             if engine_kwargs.get("device", "auto") != "cuda":  # CPU actors: one thread per CPU Ray gave us
                 torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -40,7 +41,7 @@ def _actor_class():
 
         def predict(self, store_path: str, slides: list, tiling: dict, force: bool, nuclei: bool = False) -> list[dict]:
             from core.engine.predict import predict_slides
-            from core.wsi.slide import TilingParams
+            from core.wsi.tiling import TilingParams
 
             results = predict_slides(store_path, slides, self.model, tiling=TilingParams(**tiling), force=force,
                                      engine=self.engine, ingest=False, nuclei=nuclei)
@@ -62,10 +63,7 @@ def predict_cohort_ray(store_path: str | Path, cohort: str, model: LoadedModel, 
 
     access = StoreAccess(store_path)
     with access.open(5.0, or_read_only=True) as st:
-        slides = st.cohort_slides(cohort)
-    usable = slides[slides["status"] == "ok"]
-    pairs = [(row.slide_path, float(row.mpp) if row.mpp_source == "override" else None)
-             for row in usable.itertuples(index=False)]
+        pairs = usable_slides(st, cohort)
     tiling = model.tiling(**({"min_tissue": min_tissue} if min_tissue is not None else {}))
     started_here = not ray.is_initialized()
     if started_here:

@@ -19,10 +19,15 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from core.config import REPO_ROOT
+
+if TYPE_CHECKING:
+    from core.engine.plan import Progress
 
 ACTIVE = ("starting", "running")
 
@@ -68,26 +73,54 @@ def read_status(path: Path) -> dict | None:
         return None
 
 
+@dataclass(frozen=True)
+class JobStatus:
+    """A job's status file, read: what the Predictions page shows."""
+
+    status: str = "starting"
+    cohort: str = ""
+    model: str = ""
+    done: int = 0
+    total: int = 0
+    tiles_per_s: float = 0.0
+    eta_s: float | None = None
+    slide: str = ""
+    pid: int | None = None
+    started: float = 0.0
+    updated: float = 0.0
+    message: str = ""
+
+    @classmethod
+    def from_file(cls, values: dict) -> "JobStatus":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
 @dataclass
 class Job:
     id: str
     status_path: Path
 
     @property
-    def status(self) -> dict:
-        status = read_status(self.status_path) or {"status": "starting"}
-        if status.get("status") in ACTIVE and status.get("pid") and not _alive(status["pid"]):
-            status = {**status, "status": "failed", "message": status.get("message") or "the job process died"}
+    def status(self) -> JobStatus:
+        status = JobStatus.from_file(read_status(self.status_path) or {})
+        if status.active and status.pid and not _alive(status.pid):
+            status = JobStatus(**{**asdict(status), "status": "failed",
+                                  "message": status.message or "the job process died"})
         return status
 
     @property
     def active(self) -> bool:
-        return self.status["status"] in ACTIVE
+        return self.status.active
 
     def cancel(self) -> None:
         self.status_path.with_suffix(".cancel").touch()
 
-    def wait(self, timeout: float = 600.0, poll: float = 0.2) -> dict:
+    def wait(self, timeout: float = 600.0, poll: float = 0.2) -> JobStatus:
         deadline = time.monotonic() + timeout
         while self.active and time.monotonic() < deadline:
             time.sleep(poll)
@@ -107,9 +140,9 @@ def start_job(store_path: str | Path, cohort: str, model_id: str, *, min_tissue:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            status = read_status(job.status_path) or {}
+            status = job.status
             recent = time.time() - lock.stat().st_mtime < 30 if lock.exists() else False
-            if job.active and (_alive(status.get("pid")) or recent):
+            if status.active and (_alive(status.pid) or recent):
                 return job, False  # someone else's job for the same work: attach to it
             lock.unlink(missing_ok=True)  # a stale lock from a dead job
     else:
@@ -140,7 +173,7 @@ def list_jobs(store_path: str | Path) -> list[Job]:
     if not folder.is_dir():
         return []
     jobs = [Job(p.stem, p) for p in folder.glob("*.json")]
-    return sorted(jobs, key=lambda j: -(j.status.get("started") or 0))
+    return sorted(jobs, key=lambda j: -j.status.started)
 
 
 def job_reporter(path: Path, *, every_s: float = 1.0):
@@ -149,11 +182,11 @@ def job_reporter(path: Path, *, every_s: float = 1.0):
     last = {"t": 0.0}
     write_status(path, status="running", pid=os.getpid())
 
-    def progress(p: dict) -> None:
+    def progress(p: Progress) -> None:
         now = time.monotonic()
-        if now - last["t"] >= every_s or p["done"] >= p["total"]:
+        if now - last["t"] >= every_s or p.done >= p.total or p.done == 0:
             last["t"] = now
-            write_status(path, status="running", **{k: p[k] for k in ("done", "total", "tiles_per_s", "eta_s", "slide")})
+            write_status(path, status="running", **asdict(p))
 
     def cancelled() -> bool:
         return cancel_file.exists()

@@ -5,7 +5,7 @@ So engines never write the store while they run: each finished *chunk* of a slid
 (a fixed tile-index range) goes to a Parquet file here, written to a temporary name and renamed
 (atomic on POSIX); when every chunk of a slide is present, a ``run.json`` marker with the run
 record is renamed into place. The store ingests complete runs in one transaction each
-(:meth:`core.store.db.Store.ingest`), by whichever process next holds the write lock for a moment:
+(:func:`core.engine.access.ingest_spool`), by whichever process next holds the write lock for a moment:
 the CLI between slides, or the app.
 
 Resuming after ``kill -9``: chunks on disk are kept, a half-written chunk is only a ``.tmp`` file

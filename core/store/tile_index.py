@@ -109,7 +109,7 @@ def refresh(store, model_key: str | None = None, *, min_vectors: int = INDEX_MIN
     store_path = store.path if isinstance(store, Store) else Path(store)
     with reading() as st:
         models = [model_key] if model_key else list(st.models()["model_key"])
-        plans = {key: (st.model_info(key)["pred_table"], st.model_runs(key)) for key in models}
+        plans = {key: (st.model_info(key).pred_table, st.model_runs(key)) for key in models}
     done = {}
     for key, (table, runs) in plans.items():
         folder = _model_dir(store_path, table)
@@ -222,7 +222,7 @@ def nearest(store, model_key: str, run_ids: dict[str, int] | list[str], query: n
         run_ids = store.run_ids(run_ids)
     query = np.asarray(query, dtype=np.float32).ravel()
     cohort = set(run_ids.values())
-    loaded = load(store.path, store.model_info(model_key)["pred_table"])
+    loaded = load(store.path, store.model_info(model_key).pred_table)
     covered = cohort & loaded[1] if loaded else set()
     if covered:
         sizes = store.model_runs(model_key).set_index("run_id")["n_tiles"]

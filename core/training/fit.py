@@ -1,18 +1,19 @@
 """Turning spatial-transcriptomics sections into training data, and training a model on them.
 
 A section is an H&E image readable by OpenSlide plus an AnnData of raw spot counts whose
-``obsm['spatial']`` holds spot centres (x, y) in level-0 px of that image.
+``obsm['spatial']`` holds spot centres (x, y) in level-0 px of that image. The single-cell
+reference (reading it, per-type profiles, ``log_normalize``) lives in :mod:`core.training.reference`.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from core.training.stdata import section_patches, targets
 
 log = logging.getLogger(__name__)
 
@@ -28,63 +29,9 @@ class Section:
     xy: np.ndarray  # [N, 2] spot centres, level-0 px
 
 
-def log_normalize(counts: np.ndarray, *, target_sum: float = 1e4) -> np.ndarray:
-    """Library-size normalise each row to ``target_sum`` over the given genes, then log1p."""
-    counts = np.asarray(counts, dtype=np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.log1p(counts / np.maximum(totals, 1.0) * target_sum).astype(np.float32)
-
-
-def read_reference(path: str | Path, types_path: str | Path | None = None, *, type_column: str = "cell_type"):
-    """A single-cell reference as AnnData with ``obs[type_column]``.
-
-    ``path`` is an ``.h5ad`` (with the type column in ``obs``) or a CSV (optionally gzipped) of
-    cells × genes counts whose first column is the cell id, with ``types_path`` a CSV of
-    ``cell_id, <type_column>``.
-    """
-    import anndata as ad
-
-    path = Path(path)
-    if path.suffix == ".h5ad":
-        adata = ad.read_h5ad(path)
-    else:
-        counts = pd.read_csv(path, index_col=0)
-        if types_path is None:
-            raise ValueError(f"{path.name}: a counts CSV needs a cell-type table (cell_id, {type_column}).")
-        types = pd.read_csv(types_path, index_col=0)
-        common = counts.index.intersection(types.index)
-        if len(common) == 0:
-            raise ValueError(f"No cell id of {Path(types_path).name} is in {path.name}.")
-        adata = ad.AnnData(counts.loc[common].to_numpy(dtype=np.float32))
-        adata.obs_names = common.astype(str)
-        adata.var_names = counts.columns.astype(str)
-        adata.obs[type_column] = types.loc[common, types.columns[0]].astype(str).to_numpy()
-    if type_column not in adata.obs:
-        raise ValueError(f"The reference has no obs column {type_column!r}.")
-    return adata
-
-
-def reference_profiles(reference, genes: list[str], cell_types: list[str] | None = None,
-                       *, type_column: str = "cell_type") -> tuple[pd.DataFrame, list[str]]:
-    """Mean counts per cell type over ``genes`` (AnnData of single cells), normalised like targets."""
-    import scipy.sparse as sp
-
-    missing = [g for g in genes if g not in reference.var_names]
-    if missing:
-        raise ValueError(f"The reference lacks {len(missing)} panel genes, e.g. {missing[:5]}")
-    types = cell_types or sorted(reference.obs[type_column].astype(str).unique())
-    sub = reference[:, genes]
-    X = sub.X.toarray() if sp.issparse(sub.X) else np.asarray(sub.X)
-    labels = reference.obs[type_column].astype(str).to_numpy()
-    means = np.stack([X[labels == t].mean(axis=0) for t in types])
-    return pd.DataFrame(log_normalize(means), index=types, columns=genes), types
-
-
 def training_section(section, genes: list[str], *, tile_um: float, mpp: float,
                      cell_types: list[str] | None = None) -> Section:
     """Patches, targets and (synthetic only) true composition of a :class:`core.training.stdata.SpatialSection`."""
-    from core.training.stdata import section_patches, targets
-
     patches, keep = section_patches(section, tile_um=tile_um, mpp=mpp)
     comp = section.counts.obsm.get("composition") if "composition" in section.counts.obsm else None
     if comp is not None:

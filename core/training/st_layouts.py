@@ -1,7 +1,8 @@
 """Spatial-transcriptomics folder layouts: the section type and one reader per layout.
 
 Three folder layouts are read into one :class:`SpatialSection` (detection, finding and the
-training helpers live in :mod:`core.training.stdata`, which re-exports the names defined here):
+training helpers live in :mod:`core.training.stdata`, which re-exports the names defined here;
+:class:`core.errors.SectionFormatError` is raised for an incomplete or unreadable folder):
 
 * ``her2st`` — legacy ST as published with HER2ST: ``<S>.tsv.gz`` (spots × genes, row index
   ``XxY`` array coordinates), ``<S>_selection.tsv`` (array ``x, y`` → ``pixel_x, pixel_y``)
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.errors import MissingMppError, TesseraError
+from core.errors import MissingMppError, SectionFormatError
 from core.wsi.slide import Slide
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ ST_SPOT_UM = 100.0
 VISIUM_SPOT_UM = 55.0
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi")
 _POSITION_COLUMNS = ["in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
-
-
-class SectionFormatError(TesseraError):
-    """A spatial-transcriptomics folder or file is incomplete or not in a layout Tessera reads."""
 
 
 @dataclass

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import TesseraError
-from core.wsi.slide import Slide
-# SpatialSection, SectionFormatError and the layout constants are re-exported: import them from here.
+from core.errors import SectionFormatError, TesseraError
+from core.training.reference import log_normalize
+# SpatialSection and the layout constants are re-exported: import them from here. SectionFormatError
+# lives in core.errors; ``from core.training.stdata import SectionFormatError`` keeps working.
 from core.training.st_layouts import (ST_PITCH_UM, ST_SPOT_UM, VISIUM_SPOT_UM, WSI_SUFFIXES,  # noqa: F401
-                             SectionFormatError, SpatialSection, _her2st_counts, _read_hest, _read_her2st,
-                             _read_visium)
+                                      SpatialSection, _her2st_counts, _read_hest, _read_her2st, _read_visium)
+from core.wsi.slide import Slide
 
 log = logging.getLogger(__name__)
 
@@ -140,28 +141,45 @@ def section_patches(section: SpatialSection, *, tile_um: float, mpp: float,
 
 
 def read_gene_list(path: str | Path) -> list[str]:
-    """Genes from a text file, one per line (first comma/tab field; '#' lines ignored), in order."""
+    """Genes from a text file, one per line (first comma/tab field; '#' lines ignored), in order.
+
+    Raises :class:`core.errors.SectionFormatError` for a missing, unreadable or empty file.
+    """
+    path = Path(path)
+    how = "a text file with one gene symbol per line"
+    if not path.is_file():
+        raise SectionFormatError(f"{path}: no such gene-panel file ({'a folder' if path.is_dir() else 'missing'}); "
+                                 f"pass {how}.")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SectionFormatError(f"{path}: the gene-panel file cannot be read as text ({type(exc).__name__}); "
+                                 f"pass {how}.") from exc
     genes = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         token = line.replace(",", "\t").split("\t")[0].strip()
         if token and not token.startswith("#"):
             genes.append(token)
+    if not genes:
+        raise SectionFormatError(f"{path}: the gene-panel file lists no gene; put {how} (or omit the panel "
+                                 "to use every gene the sections share).")
     return list(dict.fromkeys(genes))
 
 
 def panel_genes(sections: list[SpatialSection], panel_file: str | Path | None = None) -> list[str]:
     """Genes measured in every section, intersected with ``panel_file`` when given.
 
-    Order: the panel file's when given, else the first section's.
+    Order: the panel file's when given, else the first section's. A missing, unreadable or empty
+    panel file, or an empty result, raises :class:`core.errors.SectionFormatError`.
     """
     if not sections:
         raise SectionFormatError("No sections given: cannot choose a gene panel.")
-    common = set(sections[0].counts.var_names).intersection(*(s.counts.var_names for s in sections[1:]))
     order = read_gene_list(panel_file) if panel_file else list(sections[0].counts.var_names)
+    common = set(sections[0].counts.var_names).intersection(*(s.counts.var_names for s in sections[1:]))
     genes = [g for g in order if g in common]
     if not genes:
         raise SectionFormatError(f"No gene is measured in all {len(sections)} sections"
-                                 f"{' and listed in ' + Path(panel_file).name if panel_file else ''}; "
+                                 f"{' and listed in ' + str(panel_file) if panel_file else ''}; "
                                  "check that gene symbols (not Ensembl IDs) are used everywhere.")
     return genes
 
@@ -169,8 +187,6 @@ def panel_genes(sections: list[SpatialSection], panel_file: str | Path | None = 
 def targets(section: SpatialSection, genes: list[str]) -> np.ndarray:
     """Training targets (N, G) float32: counts normalised to 10⁴ per spot over ``genes``, then log1p."""
     import scipy.sparse as sp
-
-    from core.training.fit import log_normalize
 
     missing = [g for g in genes if g not in section.counts.var_names]
     if missing:

@@ -1,19 +1,17 @@
-"""Whole-slide images: a lazy OpenSlide handle, the µm/px chain, tissue mask and tile grid.
+"""Whole-slide images: a lazy OpenSlide handle and the µm/px chain (tiling: :mod:`core.wsi.tiling`).
 
 All coordinates are level-0 pixels, ``(x, y)``, unless a name says otherwise.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from core.errors import MissingMppError, NoTissueError, SlideOpenError
+from core.errors import MissingMppError, SlideOpenError
+from core.vocab import PLAIN_IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +47,6 @@ def mpp_from_properties(props: dict) -> tuple[float | None, str]:
     except (KeyError, TypeError, ValueError):
         pass
     return None, "unknown"
-
-
-PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def _open_plain_image(path: Path):
@@ -215,105 +210,3 @@ def _flatten_rgba(img):
         background.paste(img, mask=img.getchannel("A"))
         return background
     return img.convert("RGB")
-
-
-@dataclass(frozen=True)
-class TilingParams:
-    """How a slide is cut: physical tile size, the model's µm/px and the tissue threshold."""
-
-    tile_um: float = 112.0
-    mpp: float = 1.0
-    min_tissue: float = 0.3
-    mask_mpp: float = 8.0
-
-    @property
-    def out_px(self) -> int:
-        return int(round(self.tile_um / self.mpp))
-
-    def key(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.blake2b(payload, digest_size=8).hexdigest()
-
-
-@dataclass(frozen=True)
-class TileGrid:
-    """Tiles kept on a slide: top-left ``xy`` in level-0 px, square side ``size_level0``."""
-
-    xy: np.ndarray
-    size_level0: int
-    tissue: np.ndarray
-    params: TilingParams
-
-    def __len__(self) -> int:
-        return len(self.xy)
-
-
-def tissue_mask(slide: Slide, *, mask_mpp: float = 8.0):
-    """Tissue detection on a thumbnail of about ``mask_mpp`` µm/px.
-
-    Returns ``(TissueMask, thumbnail RGB, level-0 px per mask px)``; see :mod:`core.wsi.tissue`
-    (saturation/optical-density Otsu with floors, cleanup, pen-ink and padding rejection).
-    """
-    from core.wsi.tissue import detect_tissue
-
-    w, h = slide.dimensions
-    scale = max(mask_mpp / slide.mpp, 1.0)
-    thumb = np.asarray(slide.thumbnail(int(max(w, h) / scale)))
-    mask_scale = w / thumb.shape[1]
-    return detect_tissue(thumb, mpp=slide.mpp * mask_scale), thumb, mask_scale
-
-
-def tile_grid(slide: Slide, params: TilingParams, *, tissue=None) -> TileGrid:
-    """A non-overlapping grid of ``params.tile_um`` µm tiles keeping those with enough tissue.
-
-    ``tissue`` may be a precomputed ``(TissueMask, thumb, mask_scale)`` from :func:`tissue_mask`.
-    """
-    from core.wsi.tissue import tile_tissue_fraction
-
-    size = int(round(params.tile_um / slide.mpp))
-    w, h = slide.dimensions
-    detected, _, mask_scale = tissue or tissue_mask(slide, mask_mpp=params.mask_mpp)
-    gx, gy = np.meshgrid(np.arange(0, w - size + 1, size), np.arange(0, h - size + 1, size))
-    xy = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
-    frac = tile_tissue_fraction(detected.mask, mask_scale, xy, size)
-    keep = frac >= params.min_tissue
-    if not keep.any():
-        raise NoTissueError(
-            f"{slide.path.name}: no {params.tile_um:g} µm tile has ≥ {params.min_tissue:.0%} tissue "
-            f"(tissue covers {detected.fraction:.1%} of the slide). Check the slide, or lower the "
-            "tissue threshold."
-        )
-    return TileGrid(xy=xy[keep], size_level0=size, tissue=frac[keep].astype(np.float32), params=params)
-
-
-def file_fingerprint(path: str | Path, *, chunk: int = 1 << 22) -> str:
-    """Content hash (BLAKE2b-128) of the whole file: moving a slide keeps it, editing changes it."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def preview(path: str | Path, params: TilingParams, *, mpp_override: float | None = None,
-            max_px: int = 1024) -> tuple[np.ndarray, dict]:
-    """The tissue mask and tile grid drawn over a thumbnail of up to ``max_px``, plus figures.
-
-    The mask is computed at ``params.mask_mpp`` as for tiling, then drawn on a sharper thumbnail.
-    """
-    from core.wsi.tissue import render_preview
-
-    with Slide(path, mpp_override=mpp_override) as slide:
-        detected, thumb, mask_scale = tissue_mask(slide, mask_mpp=params.mask_mpp)
-        try:
-            grid = tile_grid(slide, params, tissue=(detected, thumb, mask_scale))
-        except NoTissueError:
-            grid = None
-        w, h = slide.dimensions
-        display = np.asarray(slide.thumbnail(min(max_px, max(w, h))))
-        scale = w / display.shape[1]
-        image = render_preview(display, detected, grid=None if grid is None else (grid.xy, grid.size_level0),
-                               scale=scale)
-        tile_px = int(round(params.tile_um / slide.mpp))
-    return image, {"tissue_fraction": detected.fraction, "n_tiles": 0 if grid is None else len(grid),
-                   "pen_px": int(detected.pen.sum()), "tile_px": tile_px}

@@ -69,10 +69,6 @@ class TissueMask:
         return int(self.pen.sum())
 
     @property
-    def n_background(self) -> int:
-        return int(self.background.sum())
-
-    @property
     def area_mm2(self) -> float | None:
         """Tissue area in mm², or None when the thumbnail's µm/px is unknown."""
         return None if self.mpp is None else self.n_tissue * self.mpp ** 2 / 1e6
@@ -355,55 +351,3 @@ def _at(integral: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     i1, j1 = np.minimum(i + 1, w), np.minimum(j + 1, h)
     return ((1 - a) * (1 - b) * integral[j, i] + a * (1 - b) * integral[j, i1]
             + (1 - a) * b * integral[j1, i] + a * b * integral[j1, i1])
-
-
-def render_preview(
-    thumb_rgb: np.ndarray,
-    tissue_mask,
-    pen: np.ndarray | None = None,
-    grid=None,
-    *,
-    scale: float = 1.0,
-    alpha: float = 0.35,
-) -> np.ndarray:
-    """The thumbnail with non-tissue greyed, tissue outlined in green, pen red, tiles blue.
-
-    ``tissue_mask`` is a boolean mask or a :class:`TissueMask` (whose ``pen`` is used when
-    ``pen`` is None); masks of another size are resized to the thumbnail. ``grid`` is an
-    object with ``xy`` (level-0 top-left, ``(N, 2)``) and ``size_level0``, or a tuple
-    ``(xy, size_level0)``; ``scale`` is level-0 px per thumbnail px; ``alpha`` how far
-    non-tissue is blended towards grey. Returns uint8 RGB of the thumbnail's size.
-    """
-    from PIL import Image, ImageDraw
-
-    thumb = _as_rgb(thumb_rgb)
-    if isinstance(tissue_mask, TissueMask):
-        pen = tissue_mask.pen if pen is None else pen
-        tissue_mask = tissue_mask.mask
-    tissue = _fit_mask(tissue_mask, thumb.shape[:2])
-    out = thumb.astype(np.float32)
-    out[~tissue] = (1 - alpha) * out[~tissue] + alpha * 90.0  # grey out what is not tiled
-    if pen is not None:
-        ink = _fit_mask(pen, thumb.shape[:2])
-        out[ink] = 0.3 * out[ink] + 0.7 * np.array([230, 20, 20], np.float32)
-    edge = tissue & ~ndimage.binary_erosion(tissue, iterations=1, border_value=0)
-    out[edge] = (0, 200, 60)
-    img = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
-    if grid is not None:
-        xy, size = (grid.xy, grid.size_level0) if hasattr(grid, "xy") else grid
-        draw = ImageDraw.Draw(img)
-        side = size / scale
-        for x, y in np.asarray(xy, np.float64).reshape(-1, 2) / scale:
-            draw.rectangle([x, y, x + side - 1, y + side - 1], outline=(40, 80, 220))
-    return np.asarray(img)
-
-
-def _fit_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A boolean mask resized (nearest) to ``shape`` (rows, cols) if needed."""
-    mask = np.asarray(mask, bool)
-    if mask.shape == tuple(shape):
-        return mask
-    from PIL import Image
-
-    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.Resampling.NEAREST)
-    return np.asarray(img) > 127

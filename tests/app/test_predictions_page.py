@@ -14,8 +14,8 @@ def test_start_job_from_the_page_and_watch_it_finish(app_env):  # noqa: F811
     assert any("Job started" in s.value or "already running" in s.value for s in list(at.success) + list(at.info))
     [job] = list_jobs(app_env.store_path)
     status = job.wait(timeout=300)
-    assert status["status"] == "done", status
-    assert "served from the cache" in status["message"]  # the demo cohort is predicted already
+    assert status.status == "done", status
+    assert "served from the cache" in status.message  # the demo cohort is predicted already
     at.run()
     assert not at.exception
 
@@ -29,9 +29,9 @@ def test_second_request_attaches_then_cancel(app_env):  # noqa: F811
     second, started_again = start_job(store, "demo", "demo-synthetic")
     assert started and not started_again and second.id == first.id
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and int(first.status.get("done") or 0) == 0 and first.active:
+    while time.monotonic() < deadline and first.status.done == 0 and first.active:
         time.sleep(0.1)
     first.cancel()
     status = first.wait(timeout=240)
-    assert status["status"] == "cancelled", status
-    assert "stopped early" in status["message"]
+    assert status.status == "cancelled", status
+    assert "stopped early" in status.message

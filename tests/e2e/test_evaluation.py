@@ -37,7 +37,7 @@ def test_loso_table_on_synthetic_sections(world, tmp_path):
     from core.wsi.nuclei import CLASSES
     from core.wsi.nuclei_classes import SYNTH_MAPPING
     from core.training.stdata import find_sections
-    from core.training.fit import read_reference, reference_profiles
+    from core.training.reference import read_reference, reference_profiles
 
     settings, card = world
     sections = find_sections(settings.demo_dir / "st")[:3]

@@ -1,7 +1,8 @@
 import pandas as pd
 import pytest
 
-from core.cohort.barcodes import parse_barcode, survival_frame
+from core.analysis.survival import survival_frame
+from core.cohort.barcodes import parse_barcode
 from core.cohort.importer import link
 from core.errors import ClinicalFormatError
 

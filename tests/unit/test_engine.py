@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from core.engine.modelhub import load_model
-from core.engine.predict import StoreAccess, predict_slides
+from core.engine.access import StoreAccess
+from core.engine.predict import predict_slides
 from core.engine.spool import Spool, spool_dir
 from core.store.db import Store
 from models.scist import HeadConfig, ModelCard, ReferenceInformedHead, save_checkpoint

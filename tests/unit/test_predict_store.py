@@ -6,13 +6,19 @@ import pytest
 import torch
 
 from core.engine.modelhub import list_models, load_model
-from core.engine.predict import predict_slide
+from core.engine.predict import predict_slides
 from core.store.db import Store
 from models.scist import HeadConfig, ModelCard, ReferenceInformedHead, save_checkpoint
 from tests.conftest import make_slide
 
 GENES = ["ERBB2", "ESR1", "CD8A", "MKI67", "HLA-DRA"]  # a dash in a name must survive as a column
 TYPES = ["tumour", "t_cell", "stroma"]
+
+
+def predict_slide(path, model, store, **options):
+    """One slide through the cohort engine (``predict_slides`` with a single (path, no override) pair)."""
+    [result] = predict_slides(store, [(path, None)], model, **options)
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +89,8 @@ def test_failed_write_leaves_no_partial_run(tmp_path, model_dir, monkeypatch):
     with Store(tmp_path / "store.duckdb") as store:
         real_write = Store.write_run
 
-        def broken(self, run, xy, tissue, expression, embedding, composition):
-            return real_write(self, run, xy, tissue, expression[:, :-1], embedding, composition)
+        def broken(self, run, xy, tissue, expression, *rest, **kwargs):
+            return real_write(self, run, xy, tissue, expression[:, :-1], *rest, **kwargs)
 
         monkeypatch.setattr(Store, "write_run", broken)
         with pytest.raises(Exception):

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 
 from core.errors import MissingMppError, SlideOpenError
-from core.wsi.slide import Slide, TilingParams, file_fingerprint, mpp_from_properties, tile_grid
+from core.wsi.fingerprint import file_fingerprint
+from core.wsi.slide import Slide, mpp_from_properties
+from core.wsi.tiling import TilingParams, tile_grid
 from tests.conftest import make_slide
 
 

@@ -248,3 +248,26 @@ def test_nothing_recognisable(tmp_path):
         find_sections(tmp_path)
     with pytest.raises(TesseraError, match="no such file"):
         read_section(tmp_path / "missing")
+
+
+def test_section_format_error_lives_in_core_errors():
+    from core import errors
+
+    assert SectionFormatError is errors.SectionFormatError and issubclass(SectionFormatError, TesseraError)
+
+
+@pytest.mark.parametrize("content", [None, "", "# header only\n\n", b"\xff\xfe\x00garbage"])
+def test_panel_file_missing_empty_or_unreadable(synth_world, tmp_path, content):
+    sections = find_sections(synth_world / "st")
+    panel = tmp_path / "panel.txt"
+    if isinstance(content, bytes):
+        panel.write_bytes(content)
+    elif content is not None:
+        panel.write_text(content)
+    expected = {None: "no such gene-panel file", bytes: "cannot be read as text"}.get(
+        content if content is None else type(content), "lists no gene")
+    with pytest.raises(SectionFormatError, match="panel.txt: .*" + expected):
+        panel_genes(sections, panel)
+    genes = list(sections[0].counts.var_names[:2])
+    panel.write_text("# panel\n" + "\n".join(["NOT_A_GENE", *genes]) + "\n")
+    assert panel_genes(sections, panel) == genes

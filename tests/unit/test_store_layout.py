@@ -4,6 +4,7 @@ import duckdb
 import numpy as np
 import pytest
 
+from core.analysis.spatial import slide_summary
 from core.errors import StoreError
 from core.store.db import RunRecord, Store
 from core.store import tile_index
@@ -27,13 +28,19 @@ def _run(i: int, n: int, seed: int = 0):
     return record, xy, rng.uniform(0.3, 1, n).astype(np.float32), expr, emb, comp
 
 
+def _write(store, record, xy, tissue, expr, emb, comp):
+    """``write_run`` with the slide summary the engine's ingest computes."""
+    return store.write_run(record, xy, tissue, expr, emb, comp,
+                           summary=slide_summary(expr, xy, record.tile_size, GENES))
+
+
 def _fill(store, runs, seed=0, n=60):
     key = store.register_model("sim", "v1", GENES, TYPES, {})
     out = {}
     for i in runs:
         record, *arrays = _run(i, n, seed)
         record = RunRecord(**{**record.__dict__, "model_key": key})
-        store.write_run(record, *arrays)
+        _write(store, record, *arrays)
         out[record.run_key] = arrays
     return key, out
 
@@ -44,10 +51,10 @@ def test_run_ids_in_write_order_and_rewrite_gets_a_new_id(tmp_path):
         ids = store.run_ids(list(runs))
         assert sorted(ids.values()) == [1, 2, 3]
         record, *arrays = _run(0, 60, seed=0)
-        new_id = store.write_run(RunRecord(**{**record.__dict__, "model_key": key}), *arrays)
+        new_id = _write(store, RunRecord(**{**record.__dict__, "model_key": key}), *arrays)
         assert new_id == 4 and store.run_ids([record.run_key]) == {record.run_key: 4}
         # the rewritten run's rows exist once, under its new id; per-tile tables stay sorted by run id
-        for table in ("tiles", "tile_vectors", store.model_info(key)["pred_table"]):
+        for table in ("tiles", "tile_vectors", store.model_info(key).pred_table):
             rows = store.con.execute(f"SELECT run_id, count(*) FROM {table} GROUP BY run_id ORDER BY run_id").fetchall()
             assert rows == [(2, 60), (3, 60), (4, 60)]
             order = [r[0] for r in store.con.execute(f"SELECT run_id FROM {table}").fetchall()]
@@ -132,8 +139,8 @@ def test_rewriting_the_latest_run_still_gets_a_new_id(tmp_path):
     with Store(tmp_path / "s.duckdb") as store:
         key, runs = _fill(store, range(3))
         record, *arrays = _run(2, 60)
-        assert store.write_run(RunRecord(**{**record.__dict__, "model_key": key}), *arrays) == 4
-        assert store.write_run(RunRecord(**{**record.__dict__, "model_key": key}), *arrays) == 5
+        assert _write(store, RunRecord(**{**record.__dict__, "model_key": key}), *arrays) == 4
+        assert _write(store, RunRecord(**{**record.__dict__, "model_key": key}), *arrays) == 5
 
 
 def test_similar_tiles_index_lifecycle(tmp_path, monkeypatch):
@@ -152,7 +159,7 @@ def test_similar_tiles_index_lifecycle(tmp_path, monkeypatch):
 
         # an IVF index (tiny thresholds so that 3,200 vectors get one): near-exact results
         assert refresh(store, key, min_vectors=1000, kind="ivf", nlist=16).get(key).startswith("built 3200")
-        assert (index_root(path) / store.model_info(key)["pred_table"] / "current").exists()
+        assert (index_root(path) / store.model_info(key).pred_table / "current").exists()
         hits = []
         for run_key, tile in [(keys[0], 0), (keys[3], 99), (keys[7], 250)]:
             got = similar_tiles(store, key, keys, run_key, tile, k=10)
@@ -179,9 +186,9 @@ def test_similar_tiles_index_lifecycle(tmp_path, monkeypatch):
         # the latest run re-predicted with other embeddings: new id, its old vectors never come back
         record, *arrays = _run(8, 400, seed=0)
         arrays[3] = np.roll(arrays[3], 1, axis=1)                  # different embeddings, same key
-        new_id = store.write_run(RunRecord(**{**record.__dict__, "model_key": key}), *arrays)
+        new_id = _write(store, RunRecord(**{**record.__dict__, "model_key": key}), *arrays)
         ids = store.run_ids(keys9)
-        assert ids[keys9[8]] == new_id and new_id not in tile_index.load(path, store.model_info(key)["pred_table"])[1]
+        assert ids[keys9[8]] == new_id and new_id not in tile_index.load(path, store.model_info(key).pred_table)[1]
         after = similar_tiles(store, key, keys9, keys9[8], 5, k=10)
         assert set(after["run_id"]) <= set(ids.values())
         assert after.attrs["method"] == "index+exact"

@@ -42,7 +42,7 @@ def logrank_by_hand(t1, e1, t2, e2):
 @pytest.fixture(scope="module")
 def brca(shared_data):
     from core.cohort.clinical import read_clinical
-    from core.cohort.barcodes import survival_frame
+    from core.analysis.survival import survival_frame
 
     clin = read_clinical(shared_data / "clinical" / "TCGA-CDR_BRCA.csv").table
     surv = survival_frame(clin, "OS").merge(

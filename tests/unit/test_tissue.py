@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from core.wsi.tissue import TissueMask, detect_tissue, render_preview, tile_tissue_fraction
+from core.wsi.tiling import render_preview
+from core.wsi.tissue import TissueMask, detect_tissue, tile_tissue_fraction
 
 MPP = 4.0  # µm per synthetic thumbnail px: a 800 × 600 thumbnail is a 3.2 × 2.4 mm field
 H, W = 600, 800

@@ -1,0 +1,85 @@
+"""How the engine and the app reach the store without holding its lock: short write connections
+that wait while another process holds the lock, and the ingest of complete spooled runs.
+
+Ingest is where a finished slide's per-gene summary (mean, median, q90, Moran's I) is computed
+(:func:`core.analysis.spatial.slide_summary`) and handed to the store with the tiles.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from core.analysis.spatial import slide_summary
+from core.engine.spool import Spool, spool_dir
+from core.errors import StoreBusyError
+from core.store.db import RunRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+def ingest_spool(store: Store, spool: Spool) -> list[str]:
+    """Move every complete run of ``spool`` into ``store``, one transaction each, then delete it
+    from the spool. Idempotent: a crash between the commit and the deletion re-ingests the same
+    rows (``write_run`` replaces a run), never duplicates them."""
+    done = []
+    for run_key in spool.complete_runs():
+        record, arrays = spool.read_run(run_key)
+        model = record.pop("model")
+        store.register_model(model["model_id"], model["version"], model["genes"], model["cell_types"], model["card"])
+        run = RunRecord(**record)
+        xy = np.stack([arrays["x"], arrays["y"]], axis=1)
+        summary = slide_summary(arrays["expression"], xy, run.tile_size, model["genes"])
+        store.write_run(run, xy, arrays["tissue"], arrays["expression"], arrays["embedding"],
+                        arrays["composition"], arrays.get("nuclei"), summary=summary)
+        spool.remove(run_key)
+        done.append(run_key)
+    if done:
+        log.info("ingested %d run(s) from %s", len(done), spool.root)
+    return done
+
+
+class StoreAccess:
+    """The store as an open :class:`Store` (used as is: the caller holds the lock) or as a path
+    (opened only for short moments, waiting while another process holds the lock)."""
+
+    def __init__(self, store: Store | str | Path):
+        self.store = store if isinstance(store, Store) else None
+        self.path = store.path if isinstance(store, Store) else Path(store)
+        self.spool = Spool(spool_dir(self.path))
+
+    def open(self, wait_s: float = 60.0, *, or_read_only: bool = False):
+        """The store for writing, waiting up to ``wait_s`` for the lock; then, with
+        ``or_read_only``, a read-only view (readers share the file with other readers)."""
+        if self.store is not None:
+            return contextlib.nullcontext(self.store)
+        try:
+            return Store(self.path, wait_s=wait_s)
+        except StoreBusyError:
+            if or_read_only and self.path.exists():
+                return Store(self.path, read_only=True)
+            raise
+
+    def ingest(self, wait_s: float = 0.0) -> int:
+        """Ingest complete spooled runs; returns how many (0 when the lock stayed busy)."""
+        if not self.spool.complete_runs():
+            return 0
+        try:
+            with self.open(wait_s) as store:
+                return len(ingest_spool(store, self.spool))
+        except StoreBusyError:
+            log.info("store busy: %d finished run(s) wait in the spool", len(self.spool.complete_runs()))
+            return 0
+
+    def refresh_index(self, model_key: str) -> None:
+        """Bring the model's similar-tiles index up to date (:mod:`core.store.tile_index`). The store is
+        opened read-only, and only while vectors are read (not while the index is trained). A
+        failure is logged, not raised: queries search what the index lacks exactly."""
+        from core.store.tile_index import refresh
+
+        try:
+            refresh(self.store if self.store is not None else self.path, model_key)
+        except Exception as exc:  # noqa: BLE001 - the predictions are safe; the index can be rebuilt
+            log.warning("the similar-tiles index was not updated (%s); `python -m core.cli index` rebuilds it", exc)

@@ -1,0 +1,192 @@
+"""The engine loop: loader workers read tiles of many slides, the runtime runs the model, finished
+chunks go to the spool (see :mod:`core.engine.spool` for why the engine never holds the store's
+write lock while it computes, and how it resumes).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from dataclasses import asdict
+from typing import Callable
+
+import numpy as np
+
+from core.engine.modelhub import LoadedModel
+from core.engine.plan import Progress, SlideJob
+from core.engine.spool import Spool
+from core.wsi.slide import Slide
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto"):
+    """``auto`` → CUDA when present, else CPU; an explicit ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was requested but no GPU is visible; use --device cpu or auto.")
+    return torch.device(device)
+
+
+def auto_batch_size(runtime, device, input_px: int) -> int:
+    """CPU: 64 (throughput is flat beyond it). CUDA: the largest power of two ≤ 1024 whose forward
+    fits in memory, found by trying it."""
+    import torch
+
+    if device.type != "cuda":
+        return 64
+    for size in (1024, 512, 256, 128, 64, 32):
+        try:
+            runtime(torch.zeros(size, input_px, input_px, 3, dtype=torch.uint8))
+            return size
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    return 16
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _stream_class():
+    from torch.utils.data import IterableDataset
+
+    class TileStream(IterableDataset):
+        """Tiles of the pending chunks of many slides; worker *w* of *n* reads units w, w+n, …
+        (a unit is one chunk of one slide) with its own OpenSlide handles."""
+
+        def __init__(self, units: list[tuple], out_px: int, nuclei_mpp: float | None = None):
+            self.units, self.out_px, self.nuclei_mpp = units, out_px, nuclei_mpp
+
+        def __iter__(self):
+            from torch.utils.data import get_worker_info
+
+            info = get_worker_info()
+            wid, n = (0, 1) if info is None else (info.id, info.num_workers)
+            handles: OrderedDict[str, Slide] = OrderedDict()
+            try:
+                for job, chunk, path, mpp_override, size, idx, xy in self.units[wid::n]:
+                    if path not in handles:
+                        handles[path] = Slide(path, mpp_override=mpp_override)
+                        if len(handles) > 4:
+                            handles.popitem(last=False)[1].close()
+                    slide = handles[path]
+                    for i, (x, y) in zip(idx, xy):
+                        tile = slide.read_region((int(x), int(y)), size, self.out_px)
+                        counts = None
+                        if self.nuclei_mpp:   # in the loader worker: overlapped with the model
+                            from core.wsi.nuclei_classes import nucleus_counts
+
+                            counts = nucleus_counts(tile, mpp=self.nuclei_mpp)
+                        yield job, chunk, int(i), tile, counts
+            finally:
+                for slide in handles.values():
+                    slide.close()
+
+    return TileStream
+
+
+def _collate(batch):
+    import torch
+
+    jobs, chunks, idx, tiles, counts = zip(*batch)
+    nuclei = None if counts[0] is None else np.stack(counts).astype(np.int16)
+    return np.array(jobs), np.array(chunks), np.array(idx), torch.from_numpy(np.stack(tiles)), nuclei
+
+
+class Engine:
+    """Runs a model over many slides' tiles into a spool. Build once, :meth:`run` many times."""
+
+    def __init__(self, model: LoadedModel, *, device: str = "auto", batch_size: int | None = None,
+                 workers: int | None = None, runtime: str = "auto"):
+        from core.config import load_settings
+        from models.runtime import create_runtime
+
+        self.model = model
+        self.device = resolve_device(device)
+        self.input_px = int(model.card.get("input_px") or model.tiling().out_px)
+        self.runtime = create_runtime(model.module, device=self.device, input_px=self.input_px, kind=runtime,
+                                      version=f"{model.model_id}-{model.version}",
+                                      cache_dir=load_settings().cache_dir / "onnx")
+        self.batch_size = batch_size or auto_batch_size(self.runtime, self.device, self.input_px)
+        self.workers = (1 if (os.cpu_count() or 1) <= 2 else min(4, os.cpu_count() - 2)) if workers is None else workers
+
+    def run(self, jobs: list[SlideJob], spool: Spool, *, progress: Callable[[Progress], None] | None = None,
+            cancel: Callable[[], bool] | None = None, on_slide: Callable[[SlideJob], None] | None = None,
+            nuclei: bool = False) -> set[int]:
+        """Compute every pending chunk of ``jobs`` into ``spool``; returns the indices of finished jobs.
+
+        ``nuclei``: the loader workers also segment and classify the nuclei of every tile
+        (:func:`core.wsi.nuclei_classes.nucleus_counts`) while the model runs on earlier batches.
+
+        ``progress`` gets a :class:`Progress` after every batch; ``cancel()`` is polled
+        between batches — finished chunks stay in the spool, so a later run resumes there.
+        """
+        from torch.utils.data import DataLoader
+
+        units, expected = [], {}
+        for j, job in enumerate(jobs):
+            for c in sorted(job.pending):
+                sl = job.chunk_slice(c)
+                units.append((j, c, str(job.path), job.mpp_override, job.size_level0,
+                              np.arange(sl.start, sl.stop), job.xy[sl]))
+                expected[(j, c)] = sl.stop - sl.start
+        total = sum(expected.values())
+        finished = {j for j, job in enumerate(jobs) if not job.pending}
+        for j in sorted(finished):
+            self._finish(jobs[j], spool, on_slide)
+        if not units:
+            return finished
+        tiling = self.model.tiling()
+        nuclei_mpp = tiling.tile_um / tiling.out_px if nuclei else None
+        loader = DataLoader(_stream_class()(units, tiling.out_px, nuclei_mpp), batch_size=self.batch_size,
+                            num_workers=self.workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
+                            prefetch_factor=4 if self.workers > 0 else None)
+        buffers: dict[tuple, list] = {}
+        got: Counter = Counter()
+        done, started = 0, time.perf_counter()
+        for job_ids, chunk_ids, idx, tiles, counts in loader:
+            if cancel is not None and cancel():
+                log.info("cancelled after %d of %d tiles; finished chunks are kept", done, total)
+                break
+            for j in set(job_ids.tolist()):
+                jobs[j].started = jobs[j].started or time.perf_counter()
+            out = self.runtime(tiles)
+            if counts is not None:
+                out["nuclei"] = counts
+            for key in sorted(set(zip(job_ids.tolist(), chunk_ids.tolist()))):
+                rows = (job_ids == key[0]) & (chunk_ids == key[1])
+                job = jobs[key[0]]
+                buffers.setdefault(key, []).append((idx[rows], {k: v[rows] for k, v in out.items()}))
+                got[key] += int(rows.sum())
+                if got[key] == expected[key]:
+                    self._write_chunk(job, key[1], buffers.pop(key), spool)
+                    if not job.pending:
+                        self._finish(job, spool, on_slide)
+                        finished.add(key[0])
+            done += len(tiles)
+            if progress:
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                progress(Progress(done, total, rate, (total - done) / rate, jobs[int(job_ids[-1])].name))
+        return finished
+
+    @staticmethod
+    def _write_chunk(job: SlideJob, chunk: int, parts: list, spool: Spool) -> None:
+        idx = np.concatenate([p[0] for p in parts])
+        order = np.argsort(idx)
+        outputs = {k: np.concatenate([p[1][k] for p in parts])[order] for k in parts[0][1]}
+        idx = idx[order]
+        spool.write_chunk(job.run_key, chunk, idx, job.xy[idx], job.tissue[idx], outputs)
+        job.pending.discard(chunk)
+
+    def _finish(self, job: SlideJob, spool: Spool, on_slide) -> None:
+        seconds = time.perf_counter() - (job.started or time.perf_counter())
+        m = self.model
+        marker = {**asdict(job.run), "device": job.run.device or f"{self.device}/{self.runtime.name}",
+                  "seconds": seconds, "model": {"model_id": m.model_id, "version": m.version, "genes": m.genes,
+                                                "cell_types": m.cell_types, "card": m.card}}
+        spool.finish(job.run_key, marker, job.n_chunks)
+        log.info("%s: %d tiles done (%.1f s)", job.name, len(job.xy), seconds)
+        if on_slide:
+            on_slide(job)
