@@ -102,7 +102,7 @@ def test_fix_mpp_makes_slide_usable(report):
     with Store(store_path) as store:
         row = fix_slide_mpp(store, "brca", path, 0.5)
         saved = store.cohort_slides("brca").set_index("slide_name").loc[FROZEN_SAME_PATIENT]
-    assert row["status"] == "ok" and saved["mpp_source"] == "override" and saved["mpp"] == 0.5
+    assert row.status == "ok" and saved["mpp_source"] == "override" and saved["mpp"] == 0.5
     assert saved["n_tiles"] > 0
 
 
@@ -148,3 +148,23 @@ def test_one_selected_slide_per_patient_and_reselect(report):
         again = store.cohort_slides("brca").set_index("slide_name")
     assert again.loc[FROZEN_SAME_PATIENT, "selected"] and not again.loc[GOOD, "selected"]
     assert again["selected"].fillna(False).sum() == slides["selected"].fillna(False).sum()
+
+
+def test_import_of_an_empty_folder_ends_with_its_report(tmp_path, shared_data, capsys):
+    """Issue 10: an import whose folder holds no slide used to crash in _select_per_patient."""
+    from core.cli import main
+    from core.vocab import SlideStatus
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with Store(tmp_path / "s.duckdb") as store:
+        report = import_cohort(store, "clin", empty, shared_data / "clinical" / "TCGA-CDR_BRCA.csv")
+        assert report.slides.empty and report.counts()["patients"] == 1092
+        assert any(i["kind"] == "slides" and "No file found" in i["message"] for i in report.issues)
+        assert store.cohorts() == ["clin"] and store.cohort_slides("clin").empty
+    (empty / "notes.txt").write_text("not a slide")
+    code = main(["import", "--slides", str(empty), "--clinical", str(shared_data / "clinical" / "TCGA-CDR_BRCA.csv"),
+                 "--store", str(tmp_path / "cli.duckdb"), "--name", "c2"])
+    out = capsys.readouterr()
+    assert code == 0 and "Traceback" not in out.err
+    assert SlideStatus.NOT_A_SLIDE in out.out and "No slide under" in out.out
