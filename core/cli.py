@@ -152,18 +152,54 @@ def print_report(report) -> None:
 
 
 def cmd_import(args) -> int:
+    from core.cohort.clinical import parse_event_coding
     from core.cohort.importer import import_cohort, read_mpp_overrides
     from core.wsi.tiling import TilingParams
     from core.store.db import Store
 
+    if args.slides is None and args.clinical is None:
+        raise TesseraError("Give --clinical FILE (a clinical-only cohort), --slides DIR (slides for an existing "
+                           "cohort), or both.")
     settings = load_settings(store_path=args.store)
     overrides = read_mpp_overrides(args.mpp) if args.mpp else None
+    coding = parse_event_coding(args.event_coding)
     with Store(settings.store_path) as store:
         report = import_cohort(store, args.name, args.slides, args.clinical, mapping=_mapping(args),
-                               fmt=args.format, mpp_overrides=overrides,
+                               fmt=args.format, mpp_overrides=overrides, event_coding=coding,
                                tiling=TilingParams(min_tissue=args.min_tissue))
     print_report(report)
     return 0
+
+
+def cmd_measured(args) -> int:
+    from core.cohort.importer import import_measured
+    from core.store.db import Store
+
+    settings = load_settings(store_path=args.store)
+    with Store(settings.store_path) as store:
+        result = import_measured(store, args.cohort, args.matrix)
+    for issue in result.issues:
+        print(f"{issue.severity}: {issue.message}")
+    print(result.summary())
+    if args.json:
+        _write_json(args.json, {"cohort": args.cohort, "summary": result.summary(), "orientation": result.orientation,
+                                "key": result.key, "n_ids_read": result.n_ids_read, "n_matched": result.n_matched,
+                                "n_genes": int(result.matrix.shape[1]),
+                                "issues": [{"severity": i.severity, "message": i.message} for i in result.issues]})
+    return 0
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Strict JSON (NaN → null) to ``path``, or to stdout for ``-``."""
+    from core.analysis.report import to_jsonable
+
+    text = json.dumps(to_jsonable(payload), indent=1, allow_nan=False)
+    if str(path) == "-":
+        print(text)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        print(f"written {path}", file=sys.stderr)
 
 
 def cmd_migrate(args) -> int:
@@ -353,9 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--wait", type=float, default=60.0)
     x.set_defaults(func=cmd_index)
 
-    i = sub.add_parser("import", help="import a cohort: a folder of slides + a clinical table; prints the link report")
-    i.add_argument("--slides", type=Path, required=True, help="folder searched recursively")
-    i.add_argument("--clinical", type=Path, required=True, help="TCGA-CDR xlsx/csv, GDC export, or any CSV/TSV/XLSX")
+    i = sub.add_parser("import", help="import a cohort: a folder of slides and/or a clinical table; prints the link report")
+    i.add_argument("--slides", type=Path, default=None,
+                   help="folder searched recursively; omit for a clinical-only cohort (slides can be added later)")
+    i.add_argument("--clinical", type=Path, default=None,
+                   help="TCGA-CDR xlsx/csv, GDC export, or any CSV/TSV/XLSX; omit to add slides to an existing cohort")
+    i.add_argument("--event-coding", default="auto",
+                   help="how numeric event columns are coded: auto (detect per column), 0/1 (1 = event), "
+                        "1/2 (R Surv: 2 = event, 1 = censored), or per endpoint, e.g. OS=1/2,PFI=0/1")
     i.add_argument("--name", default="cohort")
     i.add_argument("--store", type=Path, default=None)
     i.add_argument("--mpp", type=Path, default=None, help="CSV 'slide,mpp' of µm/px overrides")
@@ -367,6 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--time-unit", default="days", choices=["days", "months", "years"])
     i.add_argument("--min-tissue", type=float, default=MIN_TISSUE, help="tissue fraction a tile needs (0–1)")
     i.set_defaults(func=cmd_import)
+
+    me = sub.add_parser("measured", help="import a measured expression matrix (genes × patients) for a cohort")
+    me.add_argument("--cohort", required=True)
+    me.add_argument("--matrix", type=Path, required=True,
+                    help="CSV/TSV/Parquet keyed by barcode, patient id or the barcode's last 4 characters")
+    me.add_argument("--store", type=Path, default=None)
+    me.add_argument("--json", type=Path, default=None, help="write the import summary as JSON (- for stdout)")
+    me.set_defaults(func=cmd_measured)
+
+    from core.cli_analysis import add_analysis_commands
+    add_analysis_commands(sub)
     return p
 
 

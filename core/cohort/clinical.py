@@ -21,9 +21,10 @@ from typing import Mapping
 import pandas as pd
 
 from core.cohort.clinical_io import _drop_index_columns, preview_columns, read_raw
-from core.cohort.clinical_values import (ENDPOINT_COLUMNS, EVENT_WORDS, MISSING_MARKERS,  # noqa: F401 re-exported
-                                  ClinicalIssue, Issues, assemble, clean_times, infer_numeric, is_missing,
-                                  keep_identified, normalise_ids, parse_events, report_missing, some)
+from core.cohort.clinical_values import (  # noqa: F401 re-exported
+    ENDPOINT_COLUMNS, EVENT_CODINGS, EVENT_WORDS, MISSING_MARKERS, ClinicalIssue, EventCoding, Issues, assemble,
+    clean_times, detect_event_coding, infer_numeric, is_missing, keep_identified, normalise_ids, parse_events,
+    report_missing, some)
 from core.errors import ClinicalFormatError
 from core.vocab import ENDPOINTS, slug
 
@@ -162,19 +163,47 @@ def _require(columns, needed, what: str, name: str) -> None:
                                   f"file. Columns present: {some(columns, 40)}.")
 
 
+def coding_for(event_coding: str | Mapping[str, str], ep: str) -> str:
+    """The event coding asked for endpoint ``ep``: one value for all, or a per-endpoint mapping."""
+    value = event_coding.get(ep, "auto") if isinstance(event_coding, Mapping) else event_coding
+    if value not in EVENT_CODINGS:
+        raise ClinicalFormatError(f"Event coding {value!r} for {ep} is not one of {', '.join(EVENT_CODINGS)}.")
+    return value
+
+
+def parse_event_coding(text: str | None) -> str | dict[str, str]:
+    """``auto``, ``0/1``, ``1/2`` for every endpoint, or per endpoint: ``OS=1/2,PFI=0/1``."""
+    text = (text or "auto").strip()
+    if "=" not in text:
+        return coding_for(text, "OS")
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        ep, _, value = part.partition("=")
+        ep = ep.strip().upper()
+        if ep not in ENDPOINTS:
+            raise ClinicalFormatError(f"Unknown endpoint {ep!r} in the event coding {text!r}; use {', '.join(ENDPOINTS)}.")
+        out[ep] = coding_for(value.strip(), ep)
+    return out
+
+
 def _endpoint(ep: str, events: pd.Series, times: pd.Series, ids: pd.Series, issues: Issues, *,
-              days_per_unit: float = 1.0, event_values=None) -> tuple[pd.Series, pd.Series]:
+              days_per_unit: float = 1.0, event_values=None, coding: str = "auto",
+              default_numeric: str | None = None) -> tuple[pd.Series, pd.Series]:
     """(event 0/1, time in days) of one endpoint; an error when the source had values but none is usable."""
-    ev = parse_events(events, ids, ep, issues, event_values)
+    ev = parse_events(events, ids, ep, issues, event_values, coding=coding, default_numeric=default_numeric)
     t = clean_times(times, ids, f"{ep}.time", issues, days_per_unit)
     for col, src, out in ((ep, events, ev), (f"{ep}.time", times, t)):
-        if out.isna().all() and not is_missing(src).all():
+        if out.isna().all() and not is_missing(src).all() and not (col == ep and _ambiguous(issues, ep)):
             issues.add("error", f"{col}: none of the values could be used (see the warnings above); {ep} "
                        "analyses are unavailable. Check the column choice and the event values.", column=col)
     return ev, t
 
 
-def _from_cdr(raw: pd.DataFrame, issues: Issues, name: str) -> pd.DataFrame:
+def _ambiguous(issues: Issues, ep: str) -> bool:
+    return any(i.severity == "error" and i.column == ep for i in issues)
+
+
+def _from_cdr(raw: pd.DataFrame, issues: Issues, name: str, event_coding="auto") -> pd.DataFrame:
     pairs = [ep for ep in ENDPOINTS if {ep, f"{ep}.time"} <= set(raw.columns)]
     _require(raw.columns, ["bcr_patient_barcode", *([] if pairs else ["OS", "OS.time"])], "TCGA-CDR format", name)
     for col in (c for c in ENDPOINT_COLUMNS if c in raw.columns and c.split(".")[0] not in pairs):
@@ -188,7 +217,8 @@ def _from_cdr(raw: pd.DataFrame, issues: Issues, name: str) -> pd.DataFrame:
                        "the CDR authors advise against using them.", column="Redaction", patients=ids)
         raw = raw[~red].drop(columns="Redaction")
     df, ids = keep_identified(raw, normalise_ids(raw["bcr_patient_barcode"], issues), issues)
-    endpoints = {ep: _endpoint(ep, df[ep], df[f"{ep}.time"], ids, issues) for ep in pairs}
+    endpoints = {ep: _endpoint(ep, df[ep], df[f"{ep}.time"], ids, issues, coding=coding_for(event_coding, ep),
+                               default_numeric="0/1") for ep in pairs}
     used = ["bcr_patient_barcode", *(c for ep in pairs for c in (ep, f"{ep}.time"))]
     return assemble(ids, endpoints, df.drop(columns=used), issues)
 
@@ -206,7 +236,8 @@ def _hint_units(ep: str, times: pd.Series, issues: Issues) -> None:
                    "If the column holds months or years, set the time unit accordingly.", column=f"{ep}.time")
 
 
-def _from_generic(raw: pd.DataFrame, mapping: ColumnMapping, issues: Issues, name: str) -> pd.DataFrame:
+def _from_generic(raw: pd.DataFrame, mapping: ColumnMapping, issues: Issues, name: str,
+                  event_coding="auto") -> pd.DataFrame:
     cols = list(raw.columns)
     _require(cols, [_resolve(cols, c) for c in mapping.columns()], "column mapping", name)
     patient = _resolve(cols, mapping.patient)
@@ -217,7 +248,7 @@ def _from_generic(raw: pd.DataFrame, mapping: ColumnMapping, issues: Issues, nam
         used.update([*tcols, ecol])
         first_time = df[tcols].bfill(axis=1).iloc[:, 0]  # first non-missing of the time columns
         endpoints[ep] = _endpoint(ep, df[ecol], first_time, ids, issues, days_per_unit=DAYS_PER[mapping.time_unit],
-                                  event_values=mapping.event_values)
+                                  event_values=mapping.event_values, coding=coding_for(event_coding, ep))
         if mapping.time_unit == "days":
             _hint_units(ep, endpoints[ep][1], issues)
     keep = ([_resolve(cols, c) for c in mapping.covariates] if mapping.covariates is not None
@@ -237,11 +268,14 @@ def _guess_mapping(columns, issues: Issues, name: str) -> ColumnMapping:
 
 
 def read_clinical(path: str | Path, *, mapping: ColumnMapping | None = None, fmt: str | None = None,
-                  sheet=None) -> ClinicalImport:
+                  sheet=None, event_coding: str | Mapping[str, str] = "auto") -> ClinicalImport:
     """Read a clinical file into the normalised patient table (see module docstring).
 
     ``fmt`` None detects the format from the columns (a ``mapping`` implies ``"generic"``); a
-    generic file without ``mapping`` uses :func:`suggest_mapping`. Raises ClinicalFormatError
+    generic file without ``mapping`` uses :func:`suggest_mapping`. ``event_coding`` (``auto``,
+    ``0/1``, ``1/2``, or a per-endpoint mapping) says how numeric event columns are coded; ``auto``
+    detects it per column (see :func:`core.cohort.clinical_values.detect_event_coding`) and the
+    import report states every decision. Raises ClinicalFormatError
     when the file is no table or lacks the columns the format needs.
     """
     path = Path(path)
@@ -253,13 +287,13 @@ def read_clinical(path: str | Path, *, mapping: ColumnMapping | None = None, fmt
     if mapping is not None and fmt != "generic":
         issues.add("info", f"The column mapping was not used: the file was read as {fmt}.")
     if fmt == "tcga-cdr":
-        table = _from_cdr(raw, issues, path.name)
+        table = _from_cdr(raw, issues, path.name, event_coding)
     elif fmt == "gdc":
         from core.cohort.clinical_gdc import from_gdc
         table = from_gdc(raw, issues, path.name)
     else:
         mapping = mapping or _guess_mapping(raw.columns, issues, path.name)
-        table = _from_generic(raw, mapping, issues, path.name)
+        table = _from_generic(raw, mapping, issues, path.name, event_coding)
     report_missing(table, issues)
     result = ClinicalImport(table, fmt, tuple(issues), len(raw), mapping if fmt == "generic" else None)
     log.info("%s: %s, %d rows → %d patients, events %s, %d issue(s)", path.name, fmt, len(raw),

@@ -63,21 +63,98 @@ def is_missing(values: pd.Series) -> pd.Series:
     return values.isna() | values.astype("string").str.strip().str.lower().isin(MISSING_MARKERS).fillna(True)
 
 
-def parse_events(values: pd.Series, ids: pd.Series, column: str, issues: Issues,
-                 extra: Mapping[str, int] | None = None) -> pd.Series:
-    """Event indicators as float 1/0; values outside the allowed set become NaN with a warning."""
-    words = {**EVENT_WORDS, **{str(k).strip().lower(): int(v) for k, v in (extra or {}).items()}}
-    text = values.astype("string").str.strip()
-    out = text.str.lower().map(words).astype(float)
+EVENT_CODINGS = ("auto", "0/1", "1/2")
+_NUMERIC_CODES = {"0/1": {0: 0, 1: 1}, "1/2": {1: 0, 2: 1}}
+
+
+@dataclass(frozen=True)
+class EventCoding:
+    """How one event column was read: ``coding`` is ``0/1``, ``1/2`` (R ``Surv``: 1 = censored,
+    2 = event), ``words`` (Dead/Alive, TRUE/FALSE, …), ``cbioportal`` (``1:DECEASED``), a mix of
+    these, or ``unknown`` (ambiguous: the column is not used until the user says how to read it)."""
+
+    column: str
+    coding: str
+    how: str          # the decision in words, for the import report
+    chosen_by: str    # "detected" | "user" | "format"
+    ambiguous: bool = False
+
+
+def _numeric_values(text: pd.Series) -> set:
     num = pd.to_numeric(text, errors="coerce")
-    out = out.fillna(num.where(num.isin([0, 1])))
+    return set(num.dropna().unique().tolist())
+
+
+def detect_event_coding(values: pd.Series, column: str, *, coding: str = "auto",
+                        default_numeric: str | None = None, words: Mapping[str, int] | None = None) -> EventCoding:
+    """Decide how the numbers in an event column are coded.
+
+    ``coding`` ``0/1`` or ``1/2`` is the user's word and is used as given. ``auto`` reads {0, 1}
+    (or {0}) as 0/1 and {1, 2} (or {2}) as 1/2, the R ``Surv`` convention. A {1, 2} column is
+    never read as 1 = event by default. Columns holding only 1 could be all events (0/1) or all
+    censored (1/2): they are ambiguous unless ``default_numeric`` (the coding a documented format
+    such as TCGA-CDR prescribes) settles them; {0, 1, 2} is always ambiguous. Words and cBioPortal
+    ``1:DECEASED`` values are self-describing and never ambiguous.
+    """
+    if coding not in EVENT_CODINGS:
+        raise ValueError(f"event coding {coding!r} is not one of {', '.join(EVENT_CODINGS)}")
+    text = values[~is_missing(values)].astype("string").str.strip()
+    lower = text.str.lower()
+    cbio = text.str.match(_CBIO_EVENT).fillna(False)
+    worded = lower.isin((words or EVENT_WORDS).keys()).fillna(False)
+    nums = _numeric_values(text[~cbio & ~worded])
+    kinds = (["words"] if worded.any() else []) + (["cbioportal"] if cbio.any() else [])
+    if coding != "auto":
+        how = {"0/1": "read as 1 = event, 0 = censored", "1/2": "read as 2 = event, 1 = censored"}[coding]
+        return EventCoding(column, "+".join([coding, *kinds]), f"{coding} coding {how} (as chosen)", "user")
+    if not nums:
+        word = " and ".join({"words": "Dead/Alive-style words", "cbioportal": "cBioPortal '1:DECEASED' codes"}[k]
+                            for k in kinds) or "no recognised values"
+        return EventCoding(column, "+".join(kinds) or "none", f"{word} read as event/censored", "detected")
+    if nums <= {0, 1} and 0 in nums:
+        numeric, why, by = "0/1", "0/1 coding read as 1 = event, 0 = censored", "detected"
+    elif nums <= {1, 2} and 2 in nums:
+        numeric, why, by = "1/2", "1/2 coding read as 2 = event, 1 = censored (the R Surv convention)", "detected"
+    elif nums == {1} and default_numeric:
+        numeric, why, by = default_numeric, f"only 1s: read as {default_numeric} as the file format prescribes", "format"
+    else:
+        shown = ", ".join(str(int(v)) if float(v).is_integer() else str(v) for v in sorted(nums))
+        hint = ("only 1s could mean all events (0/1) or all censored (1/2)" if nums == {1}
+                else f"the values {{{shown}}} fit neither 0/1 nor 1/2")
+        return EventCoding(column, "unknown", f"ambiguous: {hint}. Choose the event coding (0/1 or 1/2) and "
+                           "import again; this endpoint is left out until then.", "detected", ambiguous=True)
+    if numeric == "1/2" and default_numeric == "0/1":
+        why += "; the file format documents 0/1, so check the source"
+    return EventCoding(column, "+".join([numeric, *kinds]), why, by)
+
+
+def parse_events(values: pd.Series, ids: pd.Series, column: str, issues: Issues,
+                 extra: Mapping[str, int] | None = None, *, coding: str = "auto",
+                 default_numeric: str | None = None) -> pd.Series:
+    """Event indicators as float 1/0 by :func:`detect_event_coding`; the decision is reported as an
+    info (a warning when ambiguous: the column is then all missing); values outside the coding
+    become NaN with a warning."""
+    words = {**EVENT_WORDS, **{str(k).strip().lower(): int(v) for k, v in (extra or {}).items()}}
+    decided = detect_event_coding(values, column, coding=coding, default_numeric=default_numeric, words=words)
+    text = values.astype("string").str.strip()
+    if decided.ambiguous:
+        issues.add("error", f"{column}: {decided.how}", column=column)
+        return pd.Series(np.nan, index=values.index, dtype=float)
+    out = text.str.lower().map(words).astype(float)
+    numeric = next((c for c in decided.coding.split("+") if c in _NUMERIC_CODES), None)
+    if numeric:
+        num = pd.to_numeric(text, errors="coerce")
+        out = out.fillna(num.map(_NUMERIC_CODES[numeric]).astype(float))
     cbio = text.str.extract(_CBIO_EVENT)[0]
     out = out.fillna(pd.to_numeric(cbio, errors="coerce")).astype(float)
     odd = out.isna() & ~is_missing(values)
     if odd.any():
+        allowed = {"0/1": "0/1", "1/2": "1/2"}.get(numeric or "", "0/1 or 1/2")
         issues.add("warning", f"{column}: {int(odd.sum())} value(s) are not a recognised event code "
-                   f"({some(repr(v) for v in text[odd])}); set to missing. Allowed: 0/1, Dead/Alive, yes/no, "
+                   f"({some(repr(v) for v in text[odd])}); set to missing. Allowed: {allowed}, Dead/Alive, yes/no, "
                    "'1:DECEASED'/'0:LIVING' — or add them to event_values.", column=column, patients=ids[odd])
+    n_ev, n_cens = int((out == 1).sum()), int((out == 0).sum())
+    issues.add("info", f"{column}: {decided.how}; {n_ev} events, {n_cens} censored.", column=column)
     return out
 
 

@@ -216,24 +216,55 @@ def _folder_issues(slides: pd.DataFrame, slides_dir: Path) -> list[dict]:
     return []
 
 
-def import_cohort(store: Store, name: str, slides_dir: Path, clinical_path: Path, *, mapping=None,
+def _no_slides() -> pd.DataFrame:
+    return pd.DataFrame(columns=SLIDE_COLUMNS)
+
+
+def import_cohort(store: Store, name: str, slides_dir: Path | None, clinical_path: Path | None, *, mapping=None,
                   fmt: str | None = None, mpp_overrides: dict[str, float] | None = None,
-                  tiling: TilingParams | None = None, progress=None) -> ImportReport:
-    """Scan, probe, link and save cohort ``name`` in the store; returns the link report."""
+                  tiling: TilingParams | None = None, progress=None,
+                  event_coding: str | dict[str, str] = "auto") -> ImportReport:
+    """Scan, probe, link and save cohort ``name`` in the store; returns the link report.
+
+    ``slides_dir`` None imports the clinical table alone (a clinical-only cohort: clinical and
+    measured variables can be analysed before any slide is there). ``clinical_path`` None adds or
+    rescans the slides of an existing cohort against the clinical table it already has.
+    """
     from core.cohort.clinical import read_clinical
 
-    clinical = read_clinical(clinical_path, mapping=mapping, fmt=fmt)
+    if slides_dir is None and clinical_path is None:
+        raise ClinicalFormatError("Give a clinical table, a slide folder, or both.")
+    source = {"kind": "import", "slides": str(slides_dir) if slides_dir else None}
+    if clinical_path is not None:
+        clinical = read_clinical(clinical_path, mapping=mapping, fmt=fmt, event_coding=event_coding)
+        table, clinical_format, clinical_issues = clinical.table, clinical.format, list(clinical.issues)
+        source.update(clinical=str(clinical_path), format=clinical.format, event_coding=event_coding)
+    else:
+        if name not in store.cohorts():
+            raise ClinicalFormatError(f"There is no cohort {name!r} yet, so its slides have no clinical table to "
+                                      "link to. Give the clinical table too (--clinical FILE).")
+        previous = store.cohort_source(name)
+        table, clinical_format, clinical_issues = store.clinical(name), previous.get("format", "stored"), []
+        source.update({k: previous.get(k) for k in ("clinical", "format", "event_coding")})
     tiling = tiling or TilingParams()
-    slides = scan_folder(slides_dir, tiling=tiling, fingerprint=lambda p: fingerprint(store, p),
-                         mpp_overrides=mpp_overrides, progress=progress)
-    slides = link(slides, clinical.table)
-    issues = _folder_issues(slides, Path(slides_dir))
+    if slides_dir is None:
+        slides = link(_no_slides(), table)
+        issues = [{"severity": "info", "kind": "slides", "subject": name,
+                   "message": f"Clinical data only: {len(table)} patients, no slides yet. Clinical and measured "
+                              "variables can be analysed now; add slides later by importing a slide folder into "
+                              f"the cohort {name!r}."}]
+    else:
+        slides = scan_folder(slides_dir, tiling=tiling, fingerprint=lambda p: fingerprint(store, p),
+                             mpp_overrides=mpp_overrides, progress=progress)
+        slides = link(slides, table)
+        issues = _folder_issues(slides, Path(slides_dir))
     issues += [{"severity": i.severity, "kind": "clinical", "subject": i.patient or i.column or "",
-                "message": i.message} for i in clinical.issues]
-    report = ImportReport(name, slides, clinical.table, clinical.format, issues)
-    store.save_cohort(name, slides, clinical.table,
-                      {"kind": "import", "slides": str(slides_dir), "clinical": str(clinical_path),
-                       "format": clinical.format}, issues=issues)
+                "message": i.message} for i in clinical_issues]
+    if clinical_path is None:
+        issues += [{"severity": i["severity"], "kind": i["kind"], "subject": i["subject"], "message": i["message"]}
+                   for i in store.cohort_issues(name).to_dict("records") if i["kind"] == "clinical"]
+    report = ImportReport(name, slides, table, clinical_format, issues)
+    store.save_cohort(name, slides, table, source, issues=issues)
     log.info("import %s: %s", name, report.counts())
     return report
 
@@ -248,3 +279,20 @@ def fix_slide_mpp(store: Store, cohort: str, slide_path: str, mpp: float, *,
     store.update_slide(cohort, slide_path, {k: row[k] for k in
                                             ("status", "message", "mpp", "mpp_source", "tissue_fraction", "n_tiles")})
     return probe
+
+
+def import_measured(store: Store, cohort: str, matrix_path: Path):
+    """Read a measured expression matrix for ``cohort`` (keys matched to its patients) and store it,
+    replacing an earlier one. Returns the :class:`core.cohort.measured.MeasuredImport`."""
+    from core.cohort.measured import read_measured, to_long
+
+    if cohort not in store.cohorts():
+        raise ClinicalFormatError(f"No cohort {cohort!r} in the store; import its clinical table first "
+                                  "(python -m core.cli import --clinical FILE --name N).")
+    patients = store.clinical(cohort)["bcr_patient_barcode"].astype(str).tolist()
+    result = read_measured(matrix_path, patients)
+    store.save_measured(cohort, to_long(result.matrix), {"file": Path(matrix_path).name,
+                                                         "orientation": result.orientation, "key": result.key,
+                                                         "summary": result.summary()})
+    log.info("measured %s: %s", cohort, result.summary())
+    return result

@@ -223,6 +223,26 @@ class Store(StoreQueries):
             for view in ("_slides", "_issues", "_clin"):
                 con.unregister(view)
 
+    def save_measured(self, cohort: str, long: pd.DataFrame, source: dict) -> None:
+        """Replace the cohort's measured expression: ``long`` has columns patient, gene, value."""
+        if cohort not in self.cohorts():
+            raise StoreError(f"No cohort named {cohort!r} in {self.path}; import it first.")
+        data = long[["patient", "gene", "value"]].assign(cohort=cohort)[["cohort", "patient", "gene", "value"]]
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            con.execute("DELETE FROM measured WHERE cohort=?", [cohort])
+            con.register("_measured", data)
+            con.execute("INSERT INTO measured SELECT * FROM _measured")
+            con.execute("INSERT OR REPLACE INTO measured_sources VALUES (?, ?, ?, ?, now())",
+                        [cohort, json.dumps(source), int(data["gene"].nunique()), int(data["patient"].nunique())])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            con.unregister("_measured")
+
     def update_slide(self, cohort: str, slide_path: str, values: dict) -> None:
         """Update import-report columns of one slide (e.g. after a µm/px fix)."""
         bad = set(values) - set(SLIDE_COLUMNS)

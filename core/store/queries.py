@@ -185,3 +185,36 @@ class StoreQueries:
         return info.pred_table
 
 
+
+    # -- measured expression (imported per cohort; see Store.save_measured) ---------------------
+    def _has_table(self, table: str) -> bool:
+        return self._one("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table])[0] > 0
+
+    def measured(self, cohort: str, genes: list[str] | None = None) -> pd.DataFrame:
+        """The cohort's measured expression as patients × genes (empty when none was imported)."""
+        if not self._has_table("measured"):  # a read-only store from before measured imports
+            return pd.DataFrame()
+        sql, params = "SELECT patient, gene, value FROM measured WHERE cohort = ?", [cohort]
+        if genes is not None:
+            sql += " AND gene IN (SELECT unnest(?::VARCHAR[]))"
+            params.append(list(genes))
+        long = self.con.execute(sql, params).df()
+        if long.empty:
+            return pd.DataFrame()
+        return long.pivot_table(index="patient", columns="gene", values="value", aggfunc="first").rename_axis(
+            index="patient", columns=None)
+
+    def measured_genes(self, cohort: str) -> list[str]:
+        if not self._has_table("measured"):
+            return []
+        return [r[0] for r in self.con.execute("SELECT DISTINCT gene FROM measured WHERE cohort = ? ORDER BY gene",
+                                               [cohort]).fetchall()]
+
+    def measured_source(self, cohort: str) -> dict:
+        """Where the cohort's measured matrix came from and its size; {} when none."""
+        if not self._has_table("measured_sources"):
+            return {}
+        row = self._one("SELECT source, n_genes, n_patients, imported_at FROM measured_sources WHERE cohort = ?",
+                        [cohort])
+        return {} if row is None else {**json.loads(row[0]), "n_genes": row[1], "n_patients": row[2],
+                                       "imported_at": str(row[3])}

@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS cohort_slides (
     sample_type VARCHAR, slide_type VARCHAR, fingerprint VARCHAR, status VARCHAR, message VARCHAR);
 CREATE TABLE IF NOT EXISTS cohort_issues (
     cohort VARCHAR, severity VARCHAR, kind VARCHAR, subject VARCHAR, message VARCHAR);
+CREATE TABLE IF NOT EXISTS measured (
+    cohort VARCHAR, patient VARCHAR, gene VARCHAR, value DOUBLE);
+CREATE TABLE IF NOT EXISTS measured_sources (
+    cohort VARCHAR PRIMARY KEY, source JSON, n_genes INTEGER, n_patients INTEGER, imported_at TIMESTAMP);
 """
 
 # v4 (added in place): per-class nucleus counts per tile, when a job counted them (predict --nuclei).

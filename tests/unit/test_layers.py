@@ -20,7 +20,7 @@ ALLOWED = {
     "core.engine": BASE | {"core.wsi", "core.store", "core.analysis", "models"},   # analysis: slide summaries at ingest
     "core.training": BASE | {"core.wsi", "core.engine", "models"},                 # engine: the model hub
     "core.synth": BASE,
-    "core.demo": None, "core.cli": None,                                          # the top: anything in core
+    "core.demo": None, "core.cli": None, "core.cli_analysis": None,               # the top: anything in core
 }
 
 

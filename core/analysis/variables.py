@@ -1,0 +1,163 @@
+"""Variables of cohort analyses, one value per patient, from any of three sources.
+
+A variable is named by a string that the CLI and the pages share:
+
+- ``CD8A`` (or ``predicted:CD8A``): a gene predicted from the slides, summarised per slide by a
+  statistic (:data:`core.analysis.biomarkers.STATS`) and per patient by the patient rule of
+  :func:`core.analysis.biomarkers.patient_matrix`;
+- ``signature:<name>`` or ``signature:g1,g2,…``: a predicted signature. Its score is the mean over
+  its genes of the per-gene patient values z-scored over the cohort (mean 0, SD 1, ddof = 1), so
+  that each gene weighs the same whatever its level (a mean z-score, as in GEPIA2's signature
+  score on log expression);
+- ``clinical:<column>``: a column of the imported clinical table (numeric columns are continuous,
+  others categorical);
+- ``measured:<gene>``: a gene of the measured expression matrix imported for the cohort.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from core.analysis.biomarkers import STATS, patient_matrix
+from core.errors import AnalysisError
+from core.vocab import ENDPOINTS
+
+SOURCES = ("predicted", "signature", "clinical", "measured")
+# Columns of the normalised clinical table that are not variables (ids and the endpoints).
+_NOT_VARIABLES = {"bcr_patient_barcode", *ENDPOINTS, *(f"{e}.time" for e in ENDPOINTS)}
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A parsed variable name: ``source`` (see :data:`SOURCES`) and what it names."""
+
+    source: str
+    name: str                      # gene, column or signature label
+    genes: tuple[str, ...] = ()    # the genes of a signature
+
+    @property
+    def label(self) -> str:
+        if self.source == "predicted":
+            return f"{self.name} (predicted)"
+        if self.source == "signature":
+            return f"{self.name} signature (predicted)"
+        return f"{self.name} ({self.source})"
+
+    @property
+    def spec(self) -> str:
+        if self.source == "predicted":
+            return self.name
+        return f"{self.source}:{self.name}"
+
+
+def parse_variable(text: str, *, panel: list[str] | None = None, signatures: dict[str, list[str]] | None = None) -> Variable:
+    """``clinical:<col>``, ``measured:<gene>``, ``signature:<name or g1,g2>``, ``predicted:<gene>`` or a bare
+    gene symbol (predicted). Gene symbols are matched to ``panel`` ignoring case when it is given."""
+    text = (text or "").strip()
+    if not text:
+        raise AnalysisError("Name a variable: a predicted gene (e.g. CD8A), signature:<name or genes>, "
+                            "clinical:<column> or measured:<gene>.")
+    source, sep, what = text.partition(":")
+    if not sep:
+        source, what = "predicted", text
+    source = source.strip().lower()
+    what = what.strip()
+    if source not in SOURCES:
+        raise AnalysisError(f"Unknown variable kind {source!r} in {text!r}; use a gene symbol, "
+                            f"{', '.join(s + ':…' for s in SOURCES)}.")
+    if not what:
+        raise AnalysisError(f"{text!r} names no {source} variable.")
+    if source == "predicted":
+        return Variable("predicted", _match_gene(what, panel))
+    if source == "signature":
+        library = {k.lower(): (k, v) for k, v in (signatures or {}).items()}
+        if what.lower() in library:
+            name, genes = library[what.lower()]
+            genes = [_match_gene(g, panel, quiet=True) for g in genes]
+            genes = [g for g in genes if g]
+            if not genes:
+                raise AnalysisError(f"No gene of the {name} signature is in the model's panel.")
+            return Variable("signature", name, tuple(genes))
+        genes = [g for g in (t.strip() for t in what.replace(";", ",").replace(" ", ",").split(",")) if g]
+        genes = list(dict.fromkeys(_match_gene(g, panel) for g in genes))
+        return Variable("signature", ",".join(genes), tuple(genes))
+    return Variable(source, what)
+
+
+def _match_gene(symbol: str, panel: list[str] | None, *, quiet: bool = False) -> str | None:
+    if panel is None:
+        return symbol
+    by_upper = {g.upper(): g for g in panel}
+    if symbol.upper() in by_upper:
+        return by_upper[symbol.upper()]
+    if quiet:
+        return None
+    raise AnalysisError(f"{symbol} is not in the model's panel of {len(panel)} genes "
+                        f"(e.g. {', '.join(panel[:10])}).")
+
+
+def zscore(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns z-scored over their non-missing values (SD with ddof = 1); constant columns → 0."""
+    sd = frame.std(ddof=1).replace(0, np.nan)
+    return ((frame - frame.mean()) / sd).fillna(0.0).where(frame.notna())
+
+
+def clinical_variables(clinical: pd.DataFrame) -> dict[str, str]:
+    """Column → ``continuous`` or ``categorical`` for the columns usable as variables: numeric with
+    > 5 distinct values are continuous; others with 2–30 groups categorical; ids and free text
+    (a distinct value on most rows) are left out."""
+    out = {}
+    for col in clinical.columns:
+        if col in _NOT_VARIABLES:
+            continue
+        values = clinical[col].dropna()
+        distinct = values.nunique()
+        if distinct < 2:
+            continue
+        if pd.api.types.is_numeric_dtype(values) and distinct > 5:
+            out[col] = "continuous"
+        elif distinct <= 30 and distinct < max(0.8 * len(values), 3):
+            out[col] = "categorical"
+    return out
+
+
+def clinical_column(clinical: pd.DataFrame, column: str) -> pd.Series:
+    """One clinical column per patient; the column is matched ignoring case."""
+    cols = {c.lower(): c for c in clinical.columns}
+    col = column if column in clinical.columns else cols.get(column.lower())
+    if col is None or col in ("bcr_patient_barcode",):
+        usable = ", ".join(list(clinical_variables(clinical))[:20])
+        raise AnalysisError(f"The clinical table has no column {column!r}. Usable columns: {usable}.")
+    return clinical.set_index("bcr_patient_barcode")[col].rename(col)
+
+
+def variable_values(store, cohort: str, variable: Variable, *, model_key: str | None = None,
+                    stat: str = "mean") -> pd.Series:
+    """The variable's value per patient (index ``patient``), missing values dropped."""
+    if variable.source == "clinical":
+        out = clinical_column(store.clinical(cohort), variable.name)
+    elif variable.source == "measured":
+        genes = store.measured_genes(cohort)
+        if not genes:
+            raise AnalysisError(f"Cohort {cohort!r} has no measured expression; import a matrix first "
+                                "(python -m core.cli measured --cohort N --matrix FILE, or on the Import page).")
+        gene = _match_gene(variable.name, genes)
+        out = store.measured(cohort, [gene])[gene]
+    else:
+        if model_key is None:
+            raise AnalysisError("Predicted variables need a model; choose one (--model).")
+        if stat not in STATS:
+            raise AnalysisError(f"Unknown statistic {stat}; choose one of {', '.join(STATS)}.")
+        genes = list(variable.genes) if variable.source == "signature" else [variable.name]
+        matrix = patient_matrix(store, cohort, model_key, genes, stat=stat)
+        out = matrix[genes[0]] if variable.source == "predicted" else zscore(matrix).mean(axis=1, skipna=True)
+    out = out.dropna()
+    out.index = out.index.astype(str).rename("patient")
+    return out.rename(variable.label)
+
+
+def is_categorical(values: pd.Series) -> bool:
+    """Numeric with > 5 distinct values is continuous; everything else is a grouping."""
+    return not (pd.api.types.is_numeric_dtype(values) and values.nunique() > 5)
