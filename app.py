@@ -9,6 +9,7 @@ PAGES = [
     st.Page("pages/slide.py", title="Slide", icon=":material/biotech:"),
     st.Page("pages/crossmodal.py", title="Cross-modal", icon=":material/sync_alt:"),
     st.Page("pages/survival.py", title="Survival", icon=":material/monitoring:"),
+    st.Page("pages/associations.py", title="Associations", icon=":material/scatter_plot:"),
     st.Page("pages/predictions.py", title="Predictions", icon=":material/play_circle:"),
     st.Page("pages/importer.py", title="Import", icon=":material/upload_file:"),
 ]

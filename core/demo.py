@@ -63,10 +63,22 @@ def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 40)
     return out
 
 
+def demo_bulk(demo_dir: Path) -> Path:
+    """``truth/bulk.csv``: the demo world's true per-patient expression (genes × patients), written once."""
+    from core.synth.bulk import true_bulk
+
+    path = demo_dir / "truth" / "bulk.csv"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp.csv")
+        true_bulk(demo_dir).to_csv(tmp)
+        tmp.replace(path)
+    return path
+
+
 def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: int = 40,
                progress=None) -> dict:
     """Run every step; returns counts of computed vs cached slides and the timings."""
-    from core.cohort.importer import import_cohort
+    from core.cohort.importer import import_cohort, import_measured
     from core.engine.modelhub import load_model
     from core.engine.predict import predict_cohort
     from core.store.db import Store
@@ -85,6 +97,9 @@ def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: 
         if DEMO_COHORT not in store.cohorts():
             import_cohort(store, DEMO_COHORT, demo / "slides", demo / "clinical" / "clinical.csv",
                           fmt="tcga-cdr", tiling=model.tiling())
+        if not store.measured_genes(DEMO_COHORT):
+            # the demo's "measured RNA" is the world's true bulk expression, so validation compares with truth
+            import_measured(store, DEMO_COHORT, demo_bulk(demo))
     # by path: the engine opens the store only for moments, so the app can read meanwhile
     results = predict_cohort(settings.store_path, DEMO_COHORT, model, device=settings.device,
                              batch_size=settings.batch_size, workers=settings.workers, progress=progress)

@@ -54,3 +54,7 @@ class SectionFormatError(TesseraError):
 
 class ReferenceFormatError(TesseraError):
     """A single-cell reference file (h5ad, or counts CSV + cell types) cannot be used as given."""
+
+
+class MeasuredFormatError(ClinicalFormatError):
+    """A measured expression matrix cannot be read, or none of its ids matches the cohort's patients."""

@@ -288,3 +288,78 @@ def guard():
     except Exception as exc:  # last line of defence: log the trace, show a short message
         log.exception("page error")
         st.error(f"Something went wrong: {type(exc).__name__}: {exc}. The details are in the server log.")
+
+
+VARIABLE_KINDS = {"Predicted gene": "predicted", "Signature": "signature", "Clinical column": "clinical",
+                  "Measured gene": "measured"}
+
+
+def variable_picker(cohort: str, model: str | None, key: str, *, label: str = "Variable",
+                    default_gene: str = "CD8A", kinds: tuple[str, ...] = tuple(VARIABLE_KINDS)) -> str | None:
+    """A variable of any source as its CLI name (``CD8A``, ``signature:…``, ``clinical:…``, ``measured:…``).
+
+    Sources with nothing to offer (no model, no measured matrix) are not listed."""
+    from core.analysis.cohort_stats import usable_clinical
+    from core.analysis.signatures import library
+
+    offered = {}
+    panel = genes(model) if model else []
+    measured = query(Store.measured_genes, cohort)
+    clinical = query(usable_clinical, cohort)
+    for name in kinds:
+        source = VARIABLE_KINDS[name]
+        if source in ("predicted", "signature") and not panel:
+            continue
+        if source == "measured" and not measured:
+            continue
+        offered[name] = source
+    if not offered:
+        st.info("Nothing to analyse yet: predict the cohort's slides, or import measured expression.")
+        return None
+    c1, c2 = st.columns([1, 2])
+    kind = offered[c1.selectbox(f"{label}: source", list(offered), key=f"{key}_kind")]
+    if kind == "predicted":
+        gene = c2.selectbox(label, panel, index=panel.index(default_gene) if default_gene in panel else 0,
+                            key=f"{key}_gene")
+        return gene
+    if kind == "signature":
+        names = [n for n, g in library().items() if len(set(g) & set(panel)) >= 1] + ["custom…"]
+        choice = c2.selectbox(label, names, key=f"{key}_sig",
+                              help="Score: mean over the signature's genes of the per-gene patient values "
+                                   "z-scored over the cohort.")
+        if choice == "custom…":
+            from core.analysis.maps import parse_signature
+
+            text = st.text_input("Genes (comma-separated)", key=f"{key}_sig_genes", value="CD8A, GZMB, PRF1")
+            return "signature:" + ",".join(parse_signature(text, panel))
+        return f"signature:{choice}"
+    if kind == "clinical":
+        cols = list(clinical)
+        column = c2.selectbox(label, cols, key=f"{key}_clin",
+                              format_func=lambda c: f"{c} ({clinical[c]})")
+        return f"clinical:{column}" if column else None
+    gene = c2.selectbox(label, measured, index=measured.index(default_gene) if default_gene in measured else 0,
+                        key=f"{key}_meas")
+    return f"measured:{gene}"
+
+
+def downloads(label: str, base: str, files: dict[str, Callable[[], bytes]], key: str) -> None:
+    """One row of download buttons (``{"csv": fn, "png": fn, …}``); each file is made only on click."""
+    from core.analysis.report import FIGURE_FORMATS, TABLE_FORMATS
+
+    mimes = {**TABLE_FORMATS, **FIGURE_FORMATS, "json": "application/json"}
+    cols = st.columns(len(files) + 1)
+    cols[0].caption(label)
+    for col, (fmt, make) in zip(cols[1:], files.items()):
+        col.download_button(fmt.upper(), data=make, file_name=f"{base}.{fmt}", mime=mimes.get(fmt),
+                            key=f"{key}_{fmt}", on_click="ignore")
+
+
+def predicted_model(cohort: str, model: str | None) -> str | None:
+    """``model`` when it has predictions for ``cohort``, else None (analyses then offer clinical and
+    measured variables only, e.g. for a clinical-only cohort)."""
+    if model is None:
+        return None
+    coverage = query(Store.model_coverage, cohort)
+    row = coverage[coverage["model_key"] == model]
+    return model if not row.empty and int(row["predicted"].iloc[0]) > 0 else None

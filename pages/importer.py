@@ -1,4 +1,5 @@
-"""Import: a folder of slides + a clinical table → a cohort, with a link report; µm/px fixes."""
+"""Import: a folder of slides and/or a clinical table → a cohort, with a link report; µm/px fixes;
+a measured expression matrix for a cohort."""
 from pathlib import Path
 
 import pandas as pd
@@ -50,12 +51,18 @@ def import_form() -> None:
 
     uploads = _ui.settings().data_dir / "uploads"
     name = st.text_input("Cohort name", value="my-cohort", key="imp_name")
-    slides_dir = st.text_input("Slides folder on this server (searched recursively)", key="imp_slides")
+    slides_dir = st.text_input("Slides folder on this server (searched recursively; leave empty for a "
+                               "clinical-only cohort)", key="imp_slides")
     c1, c2 = st.columns(2)
     clinical_path = c1.text_input("Clinical file on this server (TCGA-CDR, GDC export, CSV/TSV/XLSX)", key="imp_clin")
     upload = c2.file_uploader("…or upload it", type=["csv", "tsv", "txt", "xlsx", "gz"], key="imp_upload")
     mpp_upload = st.file_uploader("Optional µm/px overrides (CSV with columns slide,mpp)", type=["csv"], key="imp_mpp")
-    fmt = st.selectbox("Clinical format", ["auto-detect", "tcga-cdr", "gdc", "generic"], key="imp_fmt")
+    c1, c2 = st.columns(2)
+    fmt = c1.selectbox("Clinical format", ["auto-detect", "tcga-cdr", "gdc", "generic"], key="imp_fmt")
+    coding = c2.selectbox("Event coding", ["auto", "0/1", "1/2"], key="imp_coding",
+                          help="auto: detected per column and stated in the report. 0/1: 1 = event, 0 = censored. "
+                               "1/2: the R Surv convention, 2 = event, 1 = censored. Words (Dead/Alive, "
+                               "TRUE/FALSE, 1:DECEASED) are always read as they say.")
     clinical = saved_upload(upload, uploads) if upload else (Path(clinical_path) if clinical_path else None)
     mapping = None
     if clinical is not None and fmt == "generic":
@@ -64,17 +71,22 @@ def import_form() -> None:
             return
         mapping = mapping_widgets(clinical)
     if st.button("Import cohort", type="primary", key="imp_go"):
-        if not slides_dir or clinical is None:
-            st.error("Give a slides folder and a clinical file.")
+        if not slides_dir and clinical is None:
+            st.error("Give a clinical file (a clinical-only cohort), a slides folder (slides for an existing "
+                     "cohort), or both.")
             return
-        if not Path(slides_dir).is_dir():
+        if slides_dir and not Path(slides_dir).is_dir():
             st.error(f"Slides folder not found on the server: {slides_dir}")
+            return
+        if clinical is not None and not clinical.is_file():
+            st.error(f"Clinical file not found on the server: {clinical}")
             return
         overrides = read_mpp_overrides(saved_upload(mpp_upload, uploads)) if mpp_upload else None
         bar = st.progress(0.0, text="Scanning slides…")
         with _ui.write_store() as store:
-            report = import_cohort(store, name, Path(slides_dir), clinical, mapping=mapping,
+            report = import_cohort(store, name, Path(slides_dir) if slides_dir else None, clinical, mapping=mapping,
                                    fmt=None if fmt == "auto-detect" else fmt, mpp_overrides=overrides,
+                                   event_coding=coding,
                                    progress=lambda i, n, f: bar.progress(i / max(n, 1), text=f"Probing {f}"))
         bar.empty()
         counts = report.counts()
@@ -83,8 +95,34 @@ def import_form() -> None:
                    f"({report.clinical_format}) has {counts['patients']} patients.")
         for issue in report.issues:
             if issue["kind"] == "slides":
-                st.warning(issue["message"])
+                (st.info if issue["severity"] == "info" else st.warning)(issue["message"])
+            elif issue["kind"] == "clinical" and issue["subject"] in ENDPOINTS and issue["severity"] != "warning":
+                # how each event column was read (or why it could not be): said up front, not in a table
+                (st.error if issue["severity"] == "error" else st.info)(issue["message"])
         st.session_state["imp_report_cohort"] = name   # the link report below shows the new cohort
+
+
+def measured_form(cohorts: list[str]) -> None:
+    """A genes × patients matrix (CSV/TSV/Parquet) for a cohort: the measured variables."""
+    from core.cohort.importer import import_measured
+
+    uploads = _ui.settings().data_dir / "uploads"
+    c1, c2, c3 = st.columns(3)
+    cohort = c1.selectbox("Cohort", cohorts, key="meas_cohort")
+    path = c2.text_input("Matrix file on this server", key="meas_path")
+    upload = c3.file_uploader("…or upload it", type=["csv", "tsv", "txt", "gz", "parquet"], key="meas_upload")
+    st.caption("Genes × patients or patients × genes, keyed by full barcode, patient barcode, or the barcode's "
+               "last 4 characters; the orientation is detected from the ids.")
+    if st.button("Import matrix", key="meas_go"):
+        matrix = saved_upload(upload, uploads) if upload else (Path(path) if path else None)
+        if matrix is None or not matrix.is_file():
+            st.error("Give a matrix file that exists on the server, or upload one.")
+            return
+        with _ui.write_store() as store:
+            result = import_measured(store, cohort, matrix)
+        st.success(f"{cohort}: {result.summary()}")
+        for issue in result.issues:
+            (st.warning if issue.severity != "info" else st.info)(issue.message)
 
 
 def report(cohort: str) -> None:
@@ -134,3 +172,8 @@ with _ui.guard():
             st.session_state.pop("imp_report_cohort", None)
         cohort = st.selectbox("Cohort", cohorts, key="imp_report_cohort")
         report(cohort)
+        with st.expander("Measured expression (bulk RNA for validation and measured variables)"):
+            source = _ui.query(Store.measured_source, cohort)
+            if source:
+                st.caption(f"{cohort} has a measured matrix: {source.get('summary', '')} (from {source.get('file')}).")
+            measured_form(cohorts)

@@ -72,19 +72,27 @@ def km_by(store, cohort: str, endpoint: str, spec: str, *, model_key: str | None
     if variable.source == "clinical" and "stage" in variable.name.lower():
         values = collapse_stage(values).dropna().rename(values.name)
     data = survival_data(store, cohort, endpoint, values)
-    how = None
+    if horizon_days is not None:  # before the split too, so an optimal cut sees the same follow-up
+        data = censor_at(data, horizon_days)
     if variable.source == "clinical" and is_categorical(data["value"]):
-        groups = data["value"].astype(str)
-        how = "groups"
+        groups = pd.Categorical(data["value"].astype(str))
     else:
         numeric = pd.to_numeric(data["value"], errors="coerce")
         data = data[numeric.notna()].reset_index(drop=True)
-        cut = split_groups(numeric.dropna().reset_index(drop=True), split, time=data["time"].to_numpy(),
-                           event=data["event"].to_numpy())
-        groups, how = cut.labels, cut
-    return kaplan_meier(data["time"].to_numpy(float), data["event"].to_numpy(int), np.asarray(groups),
+        groups = split_groups(pd.to_numeric(data["value"]), split, time=data["time"].to_numpy(float),
+                              event=data["event"].to_numpy(int))
+    return kaplan_meier(data["time"].to_numpy(float), data["event"].to_numpy(int), groups,
                         reference=reference, horizon_days=horizon_days, unit=unit, ci=ci,
-                        endpoint=endpoint, variable=variable.spec, split=how)
+                        endpoint=endpoint, variable=variable.spec)
+
+
+def censor_at(data: pd.DataFrame, horizon_days: float) -> pd.DataFrame:
+    """Administrative censoring: follow-up beyond ``horizon_days`` is censored there."""
+    if not horizon_days or horizon_days <= 0:
+        raise AnalysisError(f"The time horizon must be a positive number of days; got {horizon_days}.")
+    late = data["time"] > horizon_days
+    return data.assign(time=data["time"].where(~late, float(horizon_days)),
+                       event=data["event"].where(~late, 0))
 
 
 # ---------------------------------------------------------------- Cox screen
@@ -292,11 +300,9 @@ def associate_cohort(store, cohort: str, spec: str, with_spec: str, *, model_key
     from core.analysis.associations import associate
 
     variable, values = resolve(store, cohort, spec, model_key=model_key, stat=stat)
-    other_var, other = resolve(store, cohort, with_spec, model_key=model_key, stat=stat)
-    if other_var.source == "clinical" and "stage" in other_var.name.lower():
-        other = collapse_stage(other).dropna().rename(other.name)
+    other = association_other(store, cohort, with_spec, model_key=model_key, stat=stat)
     kind = "categorical" if is_categorical(other) else "continuous"
-    return associate(values.rename(variable.spec), other.rename(other_var.spec), kind=kind)
+    return associate(values.rename(variable.spec), other.rename(with_spec), kind=kind)
 
 
 def associate_screen(store, cohort: str, with_spec: str, *, variables: str = "predicted",
@@ -305,9 +311,7 @@ def associate_screen(store, cohort: str, with_spec: str, *, variables: str = "pr
     from core.analysis.associations import associate_many
 
     matrix, sources = screen_matrix(store, cohort, variables, model_key=model_key, stat=stat)
-    other_var, other = resolve(store, cohort, with_spec, model_key=model_key, stat=stat)
-    if other_var.source == "clinical" and "stage" in other_var.name.lower():
-        other = collapse_stage(other).dropna().rename(other.name)
+    other = association_other(store, cohort, with_spec, model_key=model_key, stat=stat).rename(with_spec)
     kind = "categorical" if is_categorical(other) else "continuous"
     out = associate_many(matrix, other, kind=kind)
     out.insert(1, "source", out["variable"].map(sources))
@@ -345,3 +349,25 @@ def cohort_table(store, cohort: str, specs: list[str], *, model_key: str | None 
 def usable_clinical(store, cohort: str) -> dict[str, str]:
     """Clinical columns offered as variables, with their kind."""
     return clinical_variables(store.clinical(cohort))
+
+
+def usable_measured(store, cohort: str) -> bool:
+    return bool(store.measured_genes(cohort))
+
+
+def has_covariate(store, cohort: str, alias: str) -> bool:
+    """Whether the clinical table has a column for a covariate alias (age, stage, subtype, gender)."""
+    cols = {c.lower() for c in store.clinical(cohort).columns}
+    return any(a.lower() in cols for a in COVARIATE_ALIASES.get(alias, ()))
+
+
+def usable_measured_genes(store, cohort: str) -> list[str]:
+    return store.measured_genes(cohort)
+
+
+def association_other(store, cohort: str, spec: str, *, model_key: str | None = None, stat: str = "mean") -> pd.Series:
+    """The 'against' variable as the association uses it (stage collapsed to I–IV)."""
+    variable, values = resolve(store, cohort, spec, model_key=model_key, stat=stat)
+    if variable.source == "clinical" and "stage" in variable.name.lower():
+        values = collapse_stage(values).dropna().rename(values.name)
+    return values
