@@ -260,11 +260,14 @@ def test_empty_categories_dropped_and_eventless_group():
     assert a.labels == ("A", "B") and a.reference == "A"
     t = [1, 2, 3, 4, 5, 6, 7, 8, 9]
     e = [1, 1, 1, 0, 1, 0, 0, 0, 0]
-    grp = ["A"] * 3 + ["B"] * 3 + ["C"] * 3
+    grp = ["A", "B", "A", "B", "A", "B"] + ["C"] * 3      # A and B interleaved: B's HR is estimable
     b = kaplan_meier(t, e, grp)
     assert np.isnan(b.group("C").hr)                         # no events: no finite HR
     assert np.isfinite(b.group("B").hr)
     assert b.to_json()["groups"][2]["hr"] is None
+    # complete separation (every A event before any B follow-up): B's HR is infinite, reported undefined
+    sep = kaplan_meier(t, e, ["A"] * 3 + ["B"] * 3 + ["C"] * 3)
+    assert np.isnan(sep.group("B").hr)
 
 
 def test_to_json_strict(lung):
