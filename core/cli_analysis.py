@@ -105,7 +105,7 @@ def cmd_cox(args) -> int:
     text = (f"{args.endpoint} ~ {args.by} + {', '.join(covariates) or '(no covariates)'}: {res.n} patients, "
             f"{res.events} events, C = {res.concordance:.3f}\n"
             + res.terms.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-            + "\nproportional hazards (Schoenfeld residuals):\n"
+            + "\nproportional hazards (R cox.zph score test, KM transform):\n"
             + res.ph_test.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if res.ph_violations:
         text += f"\nwarning: proportional hazards rejected (p < 0.05) for {', '.join(res.ph_violations)}"

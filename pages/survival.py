@@ -120,7 +120,7 @@ def multivariable_section(cohort, model, endpoint, stat):
     m1.metric("Patients (events)", f"{res.n} ({res.events})")
     m2.metric("Concordance", f"{res.concordance:.3f}")
     if res.ph_violations:
-        st.warning("Proportional hazards rejected (Schoenfeld residual test, p < 0.05) for "
+        st.warning("Proportional hazards rejected (cox.zph test, p < 0.05) for "
                    f"{', '.join(res.ph_violations)}: the HR of that term changes over time, so read it as an "
                    "average. Consider stratifying on it or a time horizon.")
     refs = "; ".join(f"{k}: {v}" for k, v in res.references.items())

@@ -186,7 +186,7 @@ class MultiCox:
     n: int
     events: int
     terms: pd.DataFrame          # term, covariate, hr, ci_lower, ci_upper, p
-    ph_test: pd.DataFrame        # term, chisq, df, p (Schoenfeld residuals; see core.analysis.cox.ph_test)
+    ph_test: pd.DataFrame        # term, chisq, df, p: R cox.zph score test (core.analysis.cox.ph_test)
     concordance: float
     penalizer: float
     references: dict = field(default_factory=dict)   # categorical covariate → reference level
@@ -221,6 +221,28 @@ def covariate_column(clinical: pd.DataFrame, name: str) -> tuple[str, pd.Series]
     return key, clinical_column(clinical, key)
 
 
+def _fit_cox(frame: pd.DataFrame, penalizer: float):
+    """lifelines' Cox fit; when its Newton steps fail (a sparse level that separates, collinear
+    terms), once more with shorter steps, then a message that says what to change."""
+    import warnings
+
+    from lifelines import CoxPHFitter
+    from lifelines.exceptions import ConvergenceError
+
+    for options in (None, {"step_size": 0.2, "max_steps": 500}):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return CoxPHFitter(penalizer=penalizer).fit(frame, duration_col="time", event_col="event",
+                                                            fit_options=options)
+        except (ConvergenceError, np.linalg.LinAlgError):
+            continue
+    sparse = [c for c in frame.columns if "[" in c and frame[c].sum() < 5]
+    raise AnalysisError("The Cox model does not converge" + (f": level(s) {', '.join(sparse)} have fewer than 5 "
+                        "patients" if sparse else " (collinear or separating terms)") +
+                        ". Add a penaliser (e.g. 0.1), drop a covariate, or merge rare levels.")
+
+
 def cox_multivariable(store, cohort: str, endpoint: str, spec: str, covariates: list[str], *,
                       model_key: str | None = None, stat: str = "mean", penalizer: float = 0.0,
                       references: dict | None = None) -> MultiCox:
@@ -232,8 +254,6 @@ def cox_multivariable(store, cohort: str, endpoint: str, spec: str, covariates: 
     ``penalizer`` > 0 adds a ridge penalty (lifelines' ``penalizer``; for small cohorts). The
     proportional-hazards check is :func:`core.analysis.cox.ph_test` (R ``cox.zph``, KM transform).
     """
-    from lifelines import CoxPHFitter
-
     from core.analysis.cox import ph_test
 
     variable, values = resolve(store, cohort, spec, model_key=model_key, stat=stat)
@@ -278,12 +298,20 @@ def cox_multivariable(store, cohort: str, endpoint: str, spec: str, covariates: 
     if n < 10 or events < max(3, len(frame.columns) - 2):
         raise AnalysisError(f"{endpoint}: {n} complete cases with {events} events for {len(frame.columns) - 2} "
                             "terms — too few for this model. Drop covariates or add a penaliser.")
-    fit = CoxPHFitter(penalizer=penalizer).fit(frame, duration_col="time", event_col="event")
+    fit = _fit_cox(frame, penalizer)
     s = fit.summary
     terms = pd.DataFrame({"term": s.index, "covariate": [term_of[t] for t in s.index],
                           "hr": s["exp(coef)"].to_numpy(), "ci_lower": s["exp(coef) lower 95%"].to_numpy(),
                           "ci_upper": s["exp(coef) upper 95%"].to_numpy(), "p": s["p"].to_numpy()})
-    ph = ph_test(frame, "time", "event", [c for c in frame.columns if c not in ("time", "event")])
+    huge = terms.loc[np.abs(np.log(terms["hr"])) > 10, "term"].tolist()
+    if huge:
+        notes.append(f"{', '.join(huge)}: HR not estimable (the level's patients separate by outcome); merge rare "
+                     "levels or add a penaliser.")
+    try:
+        ph = ph_test(frame, "time", "event", [c for c in frame.columns if c not in ("time", "event")])
+    except AnalysisError as exc:
+        ph = pd.DataFrame(columns=["term", "chisq", "df", "p"])
+        notes.append(f"No proportional-hazards check: {exc}")
     notes.append("Continuous terms are per SD over the complete cases; categorical covariates are against "
                  "their reference level.")
     if len(values) > n:

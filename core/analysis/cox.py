@@ -370,11 +370,13 @@ def ph_test(df: pd.DataFrame, duration_col: str, event_col: str, covariates: lis
 
     Fits ``Surv(duration, event) ~ covariates`` (Efron ties; rows with a missing value dropped) and,
     at the fitted beta, computes the score test for adding the time-varying terms x·g(t) (gamma = 0),
-    with g the ``transform`` of time ('km': 1 − left-continuous Kaplan–Meier; 'rank': rank of the time
-    among all rows' times, ties averaged). The score vector and the full 2p × 2p information matrix of (beta, gamma) give, per
-    covariate j, chisq = U'ᵀ I'⁻¹ U' over (beta, gamma_j) (1 df), and GLOBAL over all 2p (p df).
-    This is the test of R ≥ 3.0, not the scaled-Schoenfeld-residual test of R 2.x / lifelines'
-    ``proportional_hazard_test``. One term per covariate (numeric columns; encode factors first).
+    with g the ``transform`` of time ('km': 1 − left-continuous Kaplan–Meier of the model's rows;
+    'rank': rank of the time among all the model's rows, ties averaged). With U the score of
+    (beta, gamma) and I the full 2p × 2p information matrix, covariate j gets chisq = Uᵀ I⁻¹ U over
+    (beta, gamma_j) (1 df) and GLOBAL the same over all 2p (p df). This is the test of R survival
+    ≥ 3.0 (it matches survival 3.5-3 to ~1e-9 on lung), not the scaled-Schoenfeld-residual test of
+    R 2.x / lifelines' ``proportional_hazard_test``. One term per covariate (numeric columns only:
+    encode factors as dummies first; a factor's dummies are then tested one by one, not jointly).
     Returns columns ``term, chisq, df, p`` with a last row ``GLOBAL``.
     """
     if transform not in PH_TRANSFORMS:

@@ -85,7 +85,8 @@ def test_concordance_matches_lifelines(lung, rossi):
     predicted survival, so a higher risk is passed negated); ties count 1/2 in both."""
     from lifelines.utils import concordance_index
 
-    for df, time, event, names in ((lung, "time", "event", LUNG_VARS), (rossi, "week", "arrest", ["age", "prio", "fin"])):
+    cases = ((lung, "time", "event", LUNG_VARS), (rossi, "week", "arrest", ["age", "prio", "fin"]))
+    for df, time, event, names in cases:
         res = cox_screen(df[time], df[event], df[names].to_numpy(), names).set_index("variable")
         for v in names:
             d = df[[time, event, v]].dropna()
@@ -103,7 +104,8 @@ def test_multivariable_fit_matches_r(lung, golden):
     ref = golden["cox_age_sex_ecog"]
     np.testing.assert_allclose(fit.coef, ref["coef"], rtol=1e-7)
     np.testing.assert_allclose(np.sqrt(np.diag(fit.var)), ref["se"], rtol=1e-7)
-    np.testing.assert_allclose(_fit_cox(*args, ties="breslow").coef, golden["cox_age_sex_ecog_breslow"]["coef"], rtol=1e-7)
+    breslow = _fit_cox(*args, ties="breslow")
+    np.testing.assert_allclose(breslow.coef, golden["cox_age_sex_ecog_breslow"]["coef"], rtol=1e-7)
 
 
 @pytest.mark.parametrize("transform", ["km", "rank"])
@@ -111,7 +113,7 @@ def test_cox_zph_matches_r(lung, golden, transform):
     """R: ``cox.zph(coxph(Surv(time, status) ~ age + sex + ph.ecog, lung), transform = ...)``
     (``cox_zph_km`` / ``cox_zph_rank``, survival 3.5-3): per-term and GLOBAL chisq and p."""
     ref = golden[f"cox_zph_{transform}"]
-    res = ph_test(lung, "time", "event", ["age", "sex", "ph.ecog"], transform=transform)   # drops NA ph.ecog
+    res = ph_test(lung, "time", "event", ["age", "sex", "ph.ecog"], transform=transform)  # drops NA ph.ecog
     assert list(res["term"]) == ref["terms"]
     np.testing.assert_allclose(res["chisq"], ref["chisq"], rtol=1e-6)
     np.testing.assert_allclose(res["p"], ref["p"], rtol=1e-6)
@@ -131,7 +133,8 @@ def test_ph_test_rejects_bad_input(lung):
 
 def test_screen_equals_lifelines_loop_on_rossi(rossi):
     """cox_screen vs a lifelines CoxPHFitter loop (one z-scored variable at a time, Efron ties)."""
-    res = cox_screen(rossi["week"], rossi["arrest"], rossi[ROSSI_VARS].to_numpy(float), ROSSI_VARS).set_index("variable")
+    X = rossi[ROSSI_VARS].to_numpy(float)
+    res = cox_screen(rossi["week"], rossi["arrest"], X, ROSSI_VARS).set_index("variable")
     for v in ROSSI_VARS:
         ref, d = _lifelines_per_sd(rossi, "week", "arrest", v)
         assert abs(np.log(res.loc[v, "hr"]) - ref["coef"]) <= 1e-6, v

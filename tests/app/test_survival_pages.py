@@ -1,0 +1,157 @@
+"""AppTest of the Survival and Associations pages on the tiny demo cohort (predicted + measured),
+and of a clinical-only cohort with a 1/2-coded event column imported through the Import page."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from tests.app.test_pages import app_env, assert_clean, monkeypatch_module, run_page  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def metric(at, label):
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def frame_with(at, column):
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def test_km_every_control(app_env):  # noqa: F811
+    at = run_page("pages/survival.py")
+    assert_clean(at)
+    assert metric(at, "Patients (events)")
+    groups = frame_with(at, "HR vs reference")
+    assert len(groups) == 2 and groups["n"].sum() == int(metric(at, "Patients (events)").split()[0])
+    for split in ("tertile", "quartile", "optimal"):
+        at.selectbox(key="sv_km_split").select(split).run()
+        assert_clean(at)
+        assert len(frame_with(at, "HR vs reference")) == {"tertile": 3, "quartile": 4, "optimal": 2}[split]
+    assert "Optimal-cut p (corrected)" in [m.label for m in at.metric]
+    at.selectbox(key="sv_km_split").select("custom value").run()
+    at.number_input(key="sv_km_cut").set_value(2.5).run()
+    assert_clean(at)
+    at.selectbox(key="sv_km_gene").select("MKI67").run()
+    at.selectbox(key="sv_unit").select("years").run()
+    at.number_input(key="sv_horizon").set_value(5.0).run()
+    at.selectbox(key="sv_stat").select("q90").run()
+    at.selectbox(key="sv_endpoint").select("PFI").run()
+    assert_clean(at)
+    assert "median (years)" in frame_with(at, "HR vs reference").columns
+    # a categorical clinical column: one curve per group, a multi-group log-rank test
+    at.selectbox(key="sv_km_kind").select("Clinical column").run()
+    at.selectbox(key="sv_km_clin").select("ajcc_pathologic_tumor_stage").run()
+    assert_clean(at)
+    labels = set(frame_with(at, "HR vs reference")["group"])
+    assert labels <= {"Stage I", "Stage II", "Stage III", "Stage IV"} and len(labels) >= 3
+    at.text_input(key="sv_km_ref").input("Stage II").run()
+    assert_clean(at)
+    assert frame_with(at, "HR vs reference").set_index("group").loc["Stage II", "HR vs reference"] == 1.0
+    at.text_input(key="sv_km_ref").input("Stage IX").run()           # a typo: a clear message, not a traceback
+    assert any("Stage IX" in e.value for e in at.error)
+    at.text_input(key="sv_km_ref").input("").run()
+    at.selectbox(key="sv_km_kind").select("Signature").run()
+    at.selectbox(key="sv_km_sig").select("custom…").run()
+    at.text_input(key="sv_km_sig_genes").input("CD8A, NOTAGENE").run()
+    assert any("NOTAGENE" in e.value for e in at.error)
+    at.text_input(key="sv_km_sig_genes").input("CD8A, GZMB").run()
+    at.selectbox(key="sv_km_kind").select("Measured gene").run()
+    assert_clean(at)
+    assert at.get("download_button")
+
+
+def test_cox_screen_and_multivariable(app_env):  # noqa: F811
+    at = run_page("pages/survival.py")
+    screen = frame_with(at, "q")
+    assert {"variable", "source", "hr", "ci_lower", "ci_upper", "p", "q", "c_index"} <= set(screen.columns)
+    assert (screen["q"].dropna() >= screen["p"].dropna().min()).all()
+    at.radio(key="sv_screen_vars").set_value("all").run()
+    assert_clean(at)
+    assert set(frame_with(at, "q")["source"]) >= {"predicted", "measured"}
+    at.selectbox(key="sv_screen_pick").select(frame_with(at, "q")["variable"].iloc[1]).run()
+    assert_clean(at)
+    at.multiselect(key="sv_mv_covs").set_value(["age", "stage"]).run()
+    assert_clean(at)
+    terms = frame_with(at, "covariate")
+    assert {"biomarker", "age", "stage"} <= set(terms["covariate"])
+    assert any(t.startswith("stage[") for t in terms["term"])
+    at.number_input(key="sv_mv_pen").set_value(0.1).run()
+    assert_clean(at)
+    at.selectbox(key="sv_mv_kind").select("Signature").run()
+    assert_clean(at)
+
+
+def test_associations_every_tab(app_env):  # noqa: F811
+    at = run_page("pages/associations.py")
+    assert_clean(at)
+    at.selectbox(key="as_with_clin").select("ajcc_pathologic_tumor_stage").run()
+    assert_clean(at)
+    assert any(m.label == "Kruskal–Wallis" or "Kruskal" in m.label for m in at.metric)
+    at.selectbox(key="as_with_clin").select("age_at_initial_pathologic_diagnosis").run()
+    assert_clean(at)
+    assert any("Spearman" in m.label for m in at.metric)
+    at.selectbox(key="as_with_kind").select("Measured gene").run()
+    assert_clean(at)
+    at.selectbox(key="as_scr_with_clin").select("PAM50").run()
+    at.radio(key="as_scr_vars").set_value("measured").run()
+    assert_clean(at)
+    assert "q" in frame_with(at, "q").columns
+    val = frame_with(at, "pearson_r")
+    assert len(val) > 50 and val["pearson_r"].median() > 0.5          # the demo's measurement is the truth
+    at.selectbox(key="as_val_gene").select(val["gene"].iloc[-1]).run()
+    at.multiselect(key="as_tbl_vars").set_value(["CD8A", "signature:cytolytic", "measured:CD8A"]).run()
+    assert_clean(at)
+    table = frame_with(at, "bcr_patient_barcode")
+    assert "CD8A (predicted mean)" in table.columns and "measured:CD8A" in table.columns
+    at.selectbox(key="as_stat").select("median").run()
+    assert_clean(at)
+
+
+@pytest.fixture
+def empty_app(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_DEMO_DIR", str(tmp_path / "nodemo"))
+    monkeypatch.setenv("TESSERA_STORE", str(tmp_path / "store.duckdb"))
+    monkeypatch.setenv("TESSERA_DATA_DIR", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield tmp_path
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def test_clinical_only_cohort_with_r_coding(empty_app):
+    """91 patients, 9 deaths coded 2: imported as 9 events, the report says how, KM works without slides."""
+    rng = np.random.default_rng(3)
+    n = 91
+    df = pd.DataFrame({"patient_id": [f"TCGA-ZZ-{i:04d}" for i in range(n)],
+                       "time": rng.integers(30, 3000, n), "status": [2] * 9 + [1] * 82,
+                       "grade": rng.choice(["G1", "G2", "G3"], n)})
+    path = empty_app / "r_table.csv"
+    df.to_csv(path, index=False)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/importer.py")
+    at.run()
+    at.text_input(key="imp_name").input("rtable")
+    at.text_input(key="imp_clin").input(str(path))
+    at.button(key="imp_go").click().run()
+    assert_clean(at)
+    assert any("1/2 coding read as 2 = event, 1 = censored" in i.value and "9 events" in i.value for i in at.info)
+    at.switch_page("pages/survival.py")
+    at.run()
+    assert_clean(at)
+    assert metric(at, "Patients (events)") == "91 (9)"
+    assert set(frame_with(at, "HR vs reference")["group"]) == {"G1", "G2", "G3"}
+    # the override: read as 0/1, the 2s are unknown codes and 82 "events" — said, not silent
+    at.switch_page("pages/importer.py")
+    at.run()
+    at.text_input(key="imp_name").input("rtable01")
+    at.text_input(key="imp_clin").input(str(path))
+    at.selectbox(key="imp_coding").select("0/1").run()
+    at.button(key="imp_go").click().run()
+    assert any("as chosen" in i.value for i in at.info)
