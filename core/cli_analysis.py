@@ -46,9 +46,12 @@ def _model_key(store, args) -> str | None:
 
 
 def _emit(args, result, text: str) -> int:
+    import sys
+
     from core.cli import _write_json
 
-    print(text)
+    # with --json - the JSON is stdout's only content (for pipes); the table goes to stderr
+    print(text, file=sys.stderr if str(args.json) == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, result.to_json() if hasattr(result, "to_json") else result)
     return 0

@@ -48,7 +48,7 @@ def _cached_call(path: str, mtime: float, name: str, args: tuple, kwargs: tuple,
 def query(fn: Callable[..., T], *args, **kwargs) -> T:
     """``fn(store, *args, **kwargs)`` on a read-only store, cached until the store file changes.
 
-    ``fn`` is a function whose first parameter is the store (``core.analysis.biomarkers.survival_table``)
+    ``fn`` is a function whose first parameter is the store (``core.analysis.cohort_stats.km_by``)
     or a :class:`Store` method (``Store.cohort_runs``), so an editor can follow the call.
     """
     path = store_path()

@@ -5,7 +5,6 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from core.analysis.survival import SplitSurvival
 
 
 def heatmap_overlay(thumb: np.ndarray, slide_size: tuple[int, int], tiles: pd.DataFrame, tile_size: int,
@@ -30,26 +29,6 @@ def heatmap_overlay(thumb: np.ndarray, slide_size: tuple[int, int], tiles: pd.Da
     return fig
 
 
-def km_figure(result: SplitSurvival, *, time_unit: str = "days") -> go.Figure:
-    """Kaplan–Meier curves with 95 % bands; legend gives n and events per group."""
-    colors = ("#1f77b4", "#d62728")
-    fig = go.Figure()
-    for curve, color in zip(result.curves, colors):
-        t = np.repeat(curve.timeline, 2)[1:]
-        fig.add_trace(go.Scatter(x=np.r_[t, curve.timeline[-1]], y=np.repeat(curve.ci_upper, 2), mode="lines",
-                                 line={"width": 0}, showlegend=False, hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=np.r_[t, curve.timeline[-1]], y=np.repeat(curve.ci_lower, 2), mode="lines",
-                                 line={"width": 0}, fill="tonexty", fillcolor=_rgba(color, 0.15),
-                                 showlegend=False, hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=curve.timeline, y=curve.survival, mode="lines", line_shape="hv",
-                                 line={"color": color, "width": 2},
-                                 name=f"{curve.label} (n={curve.n}, events={curve.events})"))
-    fig.update_layout(xaxis_title=f"time ({time_unit})", yaxis_title=f"{result.endpoint} probability",
-                      yaxis_range=[0, 1.02], height=450, margin={"l": 10, "r": 10, "t": 30, "b": 10},
-                      legend={"orientation": "h", "y": -0.2})
-    return fig
-
-
 def profile_bars(profile: pd.DataFrame) -> go.Figure:
     """Horizontal bars of a tile's top predicted genes."""
     df = profile.iloc[::-1]
@@ -59,8 +38,3 @@ def profile_bars(profile: pd.DataFrame) -> go.Figure:
     fig.update_layout(xaxis_title="predicted log1p(CP10k)", height=max(300, 18 * len(df)),
                       margin={"l": 10, "r": 10, "t": 10, "b": 10})
     return fig
-
-
-def _rgba(hex_color: str, alpha: float) -> str:
-    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({r},{g},{b},{alpha})"

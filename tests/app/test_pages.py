@@ -5,7 +5,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = ["pages/cohort.py", "pages/slide.py", "pages/crossmodal.py", "pages/survival.py", "pages/predictions.py"]
+PAGES = ["pages/cohort.py", "pages/slide.py", "pages/crossmodal.py", "pages/survival.py", "pages/associations.py",
+         "pages/predictions.py"]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_crossmodal_gallery_and_profile(app_env):
 def test_survival_reports_hr_and_p(app_env):
     at = run_page("pages/survival.py")
     labels = [m.label for m in at.metric]
-    assert "Log-rank p" in labels and "Cox HR high vs low" in labels
+    assert "Log-rank p" in labels and "Patients (events)" in labels
     at.selectbox(key="sv_endpoint").select("PFI").run()
     assert_clean(at)
 

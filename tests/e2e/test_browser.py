@@ -89,7 +89,11 @@ def test_pages_in_a_real_browser(server, page):
     ARTIFACTS.mkdir(exist_ok=True)
     visit(page, server, "cohort.png", texts=["Patients"])
     visit(page, f"{server}/slide", "slide.png", selectors=[".js-plotly-plot"])
-    visit(page, f"{server}/survival", "survival.png", texts=["Log-rank p"], selectors=[".js-plotly-plot"])
+    visit(page, f"{server}/survival", "survival.png", texts=["Log-rank p", "Number at risk"],
+          selectors=[".js-plotly-plot"])
+    visit(page, f"{server}/survival", "survival_screen.png", click="Cox screen", texts=["BH q < 0.05"],
+          selectors=[".js-plotly-plot"])
+    visit(page, f"{server}/associations", "associations.png", texts=["Patients"], selectors=[".js-plotly-plot"])
     visit(page, f"{server}/importer", "import.png", texts=["Link report", "Patients without slides"])
     visit(page, f"{server}/slide", "slide_mask.png", click="Tissue mask and tile grid",
           selectors=["[data-testid='stImage']"])

@@ -19,7 +19,7 @@ ALLOWED = {
     "core.analysis": BASE | {"core.wsi", "core.store"},
     "core.engine": BASE | {"core.wsi", "core.store", "core.analysis", "models"},   # analysis: slide summaries at ingest
     "core.training": BASE | {"core.wsi", "core.engine", "models"},                 # engine: the model hub
-    "core.synth": BASE,
+    "core.synth": BASE | {"core.wsi"},                                             # wsi: the true bulk uses the engine's tiling
     "core.demo": None, "core.cli": None, "core.cli_analysis": None,               # the top: anything in core
 }
 
