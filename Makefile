@@ -44,6 +44,7 @@ bench: setup
 	$(PY) -m benchmarks.tiler
 	$(PY) -m benchmarks.store_bench --reuse
 	$(PY) -m benchmarks.layout_bench
+	$(PY) -m benchmarks.survival_bench
 
 clean-demo:
 	rm -rf data/demo

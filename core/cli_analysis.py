@@ -75,6 +75,11 @@ def cmd_km(args) -> int:
     out = res.to_json()
     lines = [f"{args.endpoint} by {args.by}: {out['n']} patients, {out['events']} events; log-rank "
              f"chi2 = {out['logrank_stat']:.3f}, p = {out['logrank_p']:.3g}"]
+    split = out.get("split") or {}
+    if split.get("method") == "optimal":
+        lines.append(f"  optimal cut {split['cutpoints'][0]:.4g}: p corrected for the search = {split['p']:.3g} "
+                     "(Lausen–Schumacher 1992); the log-rank p above is that of the chosen cut and overstates "
+                     "the evidence")
     for g in out["groups"]:
         hr = "reference" if g.get("hr") in (None, 1.0) and g is out["groups"][0] else (
             f"HR {g['hr']:.2f} ({g['hr_ci'][0]:.2f}–{g['hr_ci'][1]:.2f})" if g.get("hr") is not None else "HR n/a")

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from core.analysis.cox import benjamini_hochberg
 from core.errors import AnalysisError
 
 KINDS = ("categorical", "continuous")
@@ -163,7 +164,7 @@ def associate_many(matrix: pd.DataFrame, other: pd.Series, *, kind: str | None =
     for name in block.columns[~complete]:
         rows[name] = _row(num[name], other, kind)
     out = pd.DataFrame([{"variable": str(c), **rows[c]} for c in matrix.columns], columns=cols)
-    out["q"] = _bh(out["p"].to_numpy(float))
+    out["q"] = benjamini_hochberg(out["p"].to_numpy(float))
     return out.sort_values(["p", "variable"], na_position="last", kind="stable").reset_index(drop=True)
 
 
@@ -281,7 +282,7 @@ def validation_summary(df: pd.DataFrame, *, top: int = 10) -> dict:
     """Headline numbers of a :func:`validate` table (JSON-safe: NaN → None)."""
     r = df["pearson_r"].to_numpy(float)
     ok = np.isfinite(r)
-    q = _bh(df["pearson_p"].to_numpy(float))
+    q = benjamini_hochberg(df["pearson_p"].to_numpy(float))
     ranked = df[ok].sort_values("pearson_r", ascending=False)
     return {
         "n_genes": int(len(df)),
@@ -296,24 +297,6 @@ def validation_summary(df: pd.DataFrame, *, top: int = 10) -> dict:
 
 
 # ---------------------------------------------------------------- statistics
-
-def _bh(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p (R's ``p.adjust(method="BH")``); NaN stays NaN and is not counted."""
-    p = np.asarray(p, dtype=float)
-    q = np.full(p.shape, np.nan)
-    ok = np.isfinite(p)
-    m = int(ok.sum())
-    if m == 0:
-        return q
-    pv = p[ok]
-    order = np.argsort(pv, kind="stable")
-    scaled = pv[order] * m / np.arange(1, m + 1)
-    adj = np.minimum.accumulate(scaled[::-1])[::-1]
-    res = np.empty(m)
-    res[order] = np.minimum(adj, 1.0)
-    q[ok] = res
-    return q
-
 
 def _t_p(r: np.ndarray, n: int) -> np.ndarray:
     """Two-sided p of correlations r on n pairs, from t = r √((n−2)/(1−r²)) on n − 2 df."""

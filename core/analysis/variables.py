@@ -86,7 +86,8 @@ def parse_variable(text: str, *, panel: list[str] | None = None, signatures: dic
     return Variable(source, what)
 
 
-def _match_gene(symbol: str, panel: list[str] | None, *, quiet: bool = False) -> str | None:
+def _match_gene(symbol: str, panel: list[str] | None, *, quiet: bool = False,
+                what: str = "the model's panel") -> str | None:
     if panel is None:
         return symbol
     by_upper = {g.upper(): g for g in panel}
@@ -94,8 +95,7 @@ def _match_gene(symbol: str, panel: list[str] | None, *, quiet: bool = False) ->
         return by_upper[symbol.upper()]
     if quiet:
         return None
-    raise AnalysisError(f"{symbol} is not in the model's panel of {len(panel)} genes "
-                        f"(e.g. {', '.join(panel[:10])}).")
+    raise AnalysisError(f"{symbol} is not in {what} of {len(panel)} genes (e.g. {', '.join(panel[:10])}).")
 
 
 def zscore(frame: pd.DataFrame) -> pd.DataFrame:
@@ -143,7 +143,7 @@ def variable_values(store, cohort: str, variable: Variable, *, model_key: str | 
         if not genes:
             raise AnalysisError(f"Cohort {cohort!r} has no measured expression; import a matrix first "
                                 "(python -m core.cli measured --cohort N --matrix FILE, or on the Import page).")
-        gene = _match_gene(variable.name, genes)
+        gene = _match_gene(variable.name, genes, what="the cohort's measured matrix")
         out = store.measured(cohort, [gene])[gene]
     else:
         if model_key is None:

@@ -89,12 +89,15 @@ def test_link_report_shows_the_new_import(store_copy, cohort_dir, shared_data):
     assert "slides linked to a patient" in done and "the clinical table" in done and "1092 patients" in done
 
 
-def test_tertile_split_says_what_it_leaves_out(store_copy):
+def test_tertile_split_keeps_every_patient(store_copy):
+    """Tertiles are three curves (low / mid / high), so no patient silently leaves the comparison."""
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
     at.switch_page("pages/survival.py").run()
-    at.selectbox(key="sv_split").select("tertile").run()
+    at.selectbox(key="sv_km_split").select("tertile").run()
     assert_clean(at)
-    assert any("middle third" in c.value for c in at.caption), [c.value for c in at.caption]
+    groups = next(d.value for d in at.dataframe if "HR vs reference" in d.value.columns)
+    n = int(next(m.value for m in at.metric if m.label == "Patients (events)").split()[0])
+    assert len(groups) == 3 and groups["n"].sum() == n
 
 
 from tests.unit.test_importer import cohort_dir  # noqa: E402,F401  (fixture)

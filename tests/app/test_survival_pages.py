@@ -147,6 +147,24 @@ def test_clinical_only_cohort_with_r_coding(empty_app):
     assert_clean(at)
     assert metric(at, "Patients (events)") == "91 (9)"
     assert set(frame_with(at, "HR vs reference")["group"]) == {"G1", "G2", "G3"}
+    # measured expression for the clinical-only cohort, through the Import page, then a measured KM
+    genes = pd.DataFrame(rng.normal(5, 1, (3, n)), index=["ESR1", "ERBB2", "MKI67"],
+                         columns=[f"TCGA-ZZ-{i:04d}-01A" for i in range(n)])
+    genes.iloc[0, :9] += 3                         # the 9 who died: high ESR1
+    genes.to_csv(empty_app / "bulk.csv")
+    at.switch_page("pages/importer.py")
+    at.run()
+    at.text_input(key="meas_path").input(str(empty_app / "bulk.csv"))
+    at.button(key="meas_go").click().run()
+    assert_clean(at)
+    assert any("3 genes × 91 patients" in s.value for s in at.success)
+    at.switch_page("pages/survival.py")
+    at.run()
+    at.selectbox(key="sv_km_kind").select("Measured gene").run()
+    at.selectbox(key="sv_km_meas").select("ESR1").run()
+    assert_clean(at)
+    groups = frame_with(at, "HR vs reference").set_index("group")
+    assert groups["events"].sum() == 9 and groups["events"].iloc[1] > groups["events"].iloc[0]   # high ESR1 = the deaths
     # the override: read as 0/1, the 2s are unknown codes and 82 "events" — said, not silent
     at.switch_page("pages/importer.py")
     at.run()

@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 
 from core.analysis import assoc_plots as ap
-from core.analysis.associations import (Association, _bh, _mw_exact_p, associate, associate_many, detect_kind,
+from core.analysis.cox import benjamini_hochberg
+from core.analysis.associations import (Association, _mw_exact_p, associate, associate_many, detect_kind,
                                         validate, validation_summary)
 from core.errors import AnalysisError
 
@@ -212,12 +213,12 @@ def test_bh_by_hand():
     .01·5/2 = .025, .03·5/3 = .05, .04·5/4 = .05, .5·5/5 = .5; running minimum from the top leaves
     them, so q = .025, .05, .05, .025, .5 in the original order. p = .02, .021: .04 then .021 → both .021.
     NaN stays NaN and is not counted in m."""
-    np.testing.assert_allclose(_bh(np.array([0.01, 0.04, 0.03, 0.005, 0.5])), [0.025, 0.05, 0.05, 0.025, 0.5])
-    np.testing.assert_allclose(_bh(np.array([0.02, 0.021])), [0.021, 0.021])
-    q = _bh(np.array([0.02, np.nan, 0.021]))
+    np.testing.assert_allclose(benjamini_hochberg(np.array([0.01, 0.04, 0.03, 0.005, 0.5])), [0.025, 0.05, 0.05, 0.025, 0.5])
+    np.testing.assert_allclose(benjamini_hochberg(np.array([0.02, 0.021])), [0.021, 0.021])
+    q = benjamini_hochberg(np.array([0.02, np.nan, 0.021]))
     assert np.isnan(q[1]) and q[0] == pytest.approx(0.021)
-    np.testing.assert_allclose(_bh(np.array([0.9, 0.8])), [0.9, 0.9])
-    assert np.isnan(_bh(np.array([np.nan]))).all()
+    np.testing.assert_allclose(benjamini_hochberg(np.array([0.9, 0.8])), [0.9, 0.9])
+    assert np.isnan(benjamini_hochberg(np.array([np.nan]))).all()
 
 
 # ---------------------------------------------------------------- screens
@@ -255,7 +256,7 @@ def test_associate_many_equals_loop(case):
         assert row["p"] == pytest.approx(a.p, rel=1e-9)
     assert np.isnan(out.loc["CONST", "p"]) and np.isnan(out.loc["CONST", "q"])
     ok = out["p"].notna()
-    np.testing.assert_allclose(out.loc[ok, "q"], _bh(out.loc[ok, "p"].to_numpy()))
+    np.testing.assert_allclose(out.loc[ok, "q"], benjamini_hochberg(out.loc[ok, "p"].to_numpy()))
     assert (np.diff(out["p"].dropna().to_numpy()) >= 0).all()        # sorted by p
     if case == "two_small":
         assert out.loc["G0", "test"].endswith("(exact)")
@@ -349,7 +350,7 @@ def _screen_table() -> pd.DataFrame:
     p = np.r_[10.0 ** -rng.uniform(4, 8, 5), rng.uniform(0.01, 1, n - 5)]
     hr = np.exp(rng.normal(0, 0.5, n))
     return pd.DataFrame({"variable": [f"G{i}" for i in range(n)], "hr": hr, "ci_lower": hr * 0.7,
-                         "ci_upper": hr * 1.4, "p": p, "q": _bh(p),
+                         "ci_upper": hr * 1.4, "p": p, "q": benjamini_hochberg(p),
                          "source": np.where(np.arange(n) % 3, "predicted", "measured")})
 
 
