@@ -91,9 +91,13 @@ def test_pages_in_a_real_browser(server, page):
     visit(page, f"{server}/slide", "slide.png", selectors=[".js-plotly-plot"])
     visit(page, f"{server}/survival", "survival.png", texts=["Log-rank p", "Number at risk"],
           selectors=[".js-plotly-plot"])
+    # the KM view with its risk table and censor ticks, as the user sees it once scrolled to it
+    page.locator(".js-plotly-plot:visible").first.screenshot(path=str(ARTIFACTS / "survival_km.png"))
     visit(page, f"{server}/survival", "survival_screen.png", click="Cox screen", texts=["BH q < 0.05"],
-          selectors=[".js-plotly-plot"])
-    visit(page, f"{server}/associations", "associations.png", texts=["Patients"], selectors=[".js-plotly-plot"])
+          selectors=[".js-plotly-plot:visible"])
+    page.locator(".js-plotly-plot:visible").first.screenshot(path=str(ARTIFACTS / "survival_volcano.png"))
+    visit(page, f"{server}/associations", "associations.png", texts=["Patients"],
+          selectors=[".js-plotly-plot:visible"])
     visit(page, f"{server}/importer", "import.png", texts=["Link report", "Patients without slides"])
     visit(page, f"{server}/slide", "slide_mask.png", click="Tissue mask and tile grid",
           selectors=["[data-testid='stImage']"])
