@@ -45,6 +45,7 @@ bench: setup
 	$(PY) -m benchmarks.store_bench --reuse
 	$(PY) -m benchmarks.layout_bench
 	$(PY) -m benchmarks.survival_bench
+	$(PY) -m benchmarks.load_bench
 
 clean-demo:
 	rm -rf data/demo

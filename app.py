@@ -14,6 +14,10 @@ PAGES = [
     st.Page("pages/importer.py", title="Import", icon=":material/upload_file:"),
 ]
 
+from pages import _ui  # noqa: E402
+
+_ui.exposure_check()   # an open address without login is refused (README: Deploying for a team)
+_ui.role()             # with login configured: nothing shows before the user signs in
 st.sidebar.title("Tessera")
 st.sidebar.caption("Gene expression predicted from H&E, across a cohort.")
 st.navigation(PAGES).run()

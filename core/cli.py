@@ -119,11 +119,18 @@ def _predict(args, progress, stop) -> tuple[int, str]:
         results = predict_cohort(settings.store_path, args.cohort, model, progress=progress, cancel=stop, **options)
     computed = [r for r in results if r.status == "computed"]
     stopped = [r for r in results if r.status == "cancelled"]
+    failed = [r for r in results if r.status == "failed"]
+    busy = [r for r in results if r.status == "busy"]
+    cached = len(results) - len(computed) - len(stopped) - len(failed) - len(busy)
     message = (f"{len(results)} slides: {len(computed)} predicted ({sum(r.n_tiles for r in computed)} tiles), "
-               f"{len(results) - len(computed) - len(stopped)} served from the cache"
-               + (f", {len(stopped)} stopped early (rerun to resume)" if stopped else ""))
+               f"{cached} served from the cache"
+               + (f", {len(stopped)} stopped early (rerun to resume)" if stopped else "")
+               + (f", {len(busy)} being computed by another job" if busy else "")
+               + (f", {len(failed)} failed" if failed else ""))
+    for r in failed + busy:
+        print(f"{r.status}: {r.slide_name}: {r.message}", file=sys.stderr)
     print(message)
-    return (130 if stopped else 0), message
+    return (130 if stopped else 1 if failed else 0), message
 
 
 def _mapping(args):
@@ -166,7 +173,8 @@ def cmd_import(args) -> int:
     with Store(settings.store_path) as store:
         report = import_cohort(store, args.name, args.slides, args.clinical, mapping=_mapping(args),
                                fmt=args.format, mpp_overrides=overrides, event_coding=coding,
-                               tiling=TilingParams(min_tissue=args.min_tissue))
+                               tiling=TilingParams(min_tissue=args.min_tissue),
+                               replace=getattr(args, "replace", False))
     print_report(report)
     return 0
 
@@ -407,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--endpoint", default="OS", choices=list(ENDPOINTS))
     i.add_argument("--time-unit", default="days", choices=["days", "months", "years"])
     i.add_argument("--min-tissue", type=float, default=MIN_TISSUE, help="tissue fraction a tile needs (0–1)")
+    i.add_argument("--replace", action="store_true",
+                   help="replace the cohort --name if it exists (needed with --clinical; without it, an existing "
+                        "name is refused)")
     i.set_defaults(func=cmd_import)
 
     me = sub.add_parser("measured", help="import a measured expression matrix (genes × patients) for a cohort")

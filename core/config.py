@@ -27,6 +27,15 @@ class Settings:
     batch_size: int = 64
     workers: int = 1
     seed: int = 0
+    # Server paths typed in the UI must resolve (symlinks followed) inside one of these; empty =
+    # the demo folder and the project's data/ (see data_roots_or_default). The CLI may take any path.
+    data_roots: tuple[Path, ...] = ()
+    max_jobs: int = 2            # prediction jobs running at once, across every session of a server
+    upload_mb: int = 200         # per uploaded file (Streamlit's server.maxUploadSize is set to match)
+    operators: tuple[str, ...] = ()   # with login on: e-mails of users who may import, predict, manage
+
+    def data_roots_or_default(self) -> tuple[Path, ...]:
+        return self.data_roots or (self.demo_dir, self.data_dir)
 
 
 _ENV = {
@@ -39,11 +48,18 @@ _ENV = {
     "batch_size": "TESSERA_BATCH_SIZE",
     "workers": "TESSERA_WORKERS",
     "seed": "TESSERA_SEED",
+    "data_roots": "TESSERA_DATA_ROOTS",
+    "max_jobs": "TESSERA_MAX_JOBS",
+    "upload_mb": "TESSERA_UPLOAD_MB",
+    "operators": "TESSERA_OPERATORS",
 }
 
 
 def _coerce(name: str, value):
     kind = {f.name: f.type for f in fields(Settings)}[name]
+    if name == "operators":
+        items = value.split(",") if isinstance(value, str) else value
+        return tuple(str(v).strip().lower() for v in items if str(v).strip())
     if "Path" in str(kind) and "tuple" not in str(kind):
         return Path(value).expanduser().resolve()
     if "tuple" in str(kind):

@@ -58,3 +58,28 @@ class ReferenceFormatError(TesseraError):
 
 class MeasuredFormatError(ClinicalFormatError):
     """A measured expression matrix cannot be read, or none of its ids matches the cohort's patients."""
+
+
+class ImplausibleMppError(MissingMppError):
+    """The µm/px found (metadata or override) is outside the plausible range: treated as unknown."""
+
+
+class CohortExistsError(StoreError):
+    """A cohort of that name is already in the store and replacing it was not asked for."""
+
+
+class SpoolCorruptError(TesseraError):
+    """A spooled run cannot be read back (a chunk or its marker is damaged or missing)."""
+
+
+class IngestError(StoreError):
+    """Computed runs could not be written to the store; they wait in the spool or its quarantine."""
+
+
+class InvalidModelIdError(ModelNotFoundError):
+    """A model id that is not a plain name (a slash, ``..``, odd characters): never used as a path."""
+
+
+class ModelCheckpointError(TesseraError):
+    """A model folder's ``model.pt`` or ``card.json`` cannot be loaded (missing, corrupt, malformed,
+    or refused as unsafe because it holds more than weights)."""

@@ -16,6 +16,7 @@ class SlideStatus(StrEnum):
     OK = "ok"                    # readable, µm/px known, tissue found: ready to predict
     NEEDS_MPP = "needs_mpp"      # readable, but no µm/px in the metadata: set it, never guessed
     NO_TISSUE = "no_tissue"      # readable, but no tile has enough tissue
+    TOO_LARGE = "too_large"      # readable, but more tiles than MAX_TILES_PER_SLIDE: not predicted
     UNSUPPORTED = "unsupported"  # a format OpenSlide does not read (plain TIFF, a DICOM fragment, …)
     UNREADABLE = "unreadable"    # OpenSlide fails on it: truncated or damaged
     DUPLICATE = "duplicate"      # same content as another file of the import (kept once)
@@ -28,7 +29,8 @@ class SlideStatus(StrEnum):
 
 _STATUS_HELP = {
     SlideStatus.OK: "ready to predict", SlideStatus.NEEDS_MPP: "set its µm/px",
-    SlideStatus.NO_TISSUE: "no tile with enough tissue", SlideStatus.UNSUPPORTED: "a format OpenSlide does not read",
+    SlideStatus.NO_TISSUE: "no tile with enough tissue",
+    SlideStatus.TOO_LARGE: "more tiles than one slide may have", SlideStatus.UNSUPPORTED: "a format OpenSlide does not read",
     SlideStatus.UNREADABLE: "truncated or damaged", SlideStatus.DUPLICATE: "same content as another file",
     SlideStatus.NOT_A_SLIDE: "not a whole-slide file",
 }
@@ -52,6 +54,27 @@ TCGA_PATIENT = r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}"
 
 # The share of a tile's area that must be tissue for the tile to be predicted.
 MIN_TISSUE = 0.3
+
+# Plausible level-0 pixel sizes (µm/px): 0.05 (beyond optical resolution) to 5 (a 2× scan). A value
+# outside (e.g. 352.8 from a 72-dpi TIFF, or a typo in an override) is treated as unknown: the slide
+# needs its µm/px set; overrides and the UI's inputs are capped to this range.
+MPP_MIN = 0.05
+MPP_MAX = 5.0
+
+# Tiles (with tissue) one slide may have: a 2.5 × 7.5 cm glass slide fully covered holds ~150,000
+# tiles of 112 µm. Above it the slide is TOO_LARGE (wrong µm/px or tile size, most likely).
+MAX_TILES_PER_SLIDE = 200_000
+# The whole grid (before tissue detection) may be this many times larger; beyond it the slide is
+# refused before its tissue mask is even decoded.
+MAX_GRID_FACTOR = 2
+
+# Uploaded tables: bytes on disk, and bytes after decompression (.gz, the members of an .xlsx),
+# so that a small compressed "bomb" cannot fill the memory.
+MAX_CLINICAL_FILE_BYTES = 50 * 2**20
+MAX_CLINICAL_INFLATED_BYTES = 200 * 2**20
+# Measured expression matrices are larger (20,000 genes × 1,100 samples ≈ 200 MB of CSV).
+MAX_MEASURED_FILE_BYTES = 1024 * 2**20
+MAX_MEASURED_INFLATED_BYTES = 2048 * 2**20
 
 
 def slug(text: str) -> str:

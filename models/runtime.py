@@ -2,7 +2,9 @@
 
 On a CPU, ONNX Runtime runs EfficientNet-Lite0 several times faster than eager PyTorch (measured
 here: ~45 vs ~7 tiles/s at 224 px with 2 threads under load). A model is exported once per
-(model version, input size) into a cache folder, and every fresh session is *verified* against the
+(model version, weights digest, input size) into a cache folder (:func:`onnx_cache_path`: the
+digest is a hash of the in-memory weights, so replaced weights never reuse an old export even
+under an unchanged version), and every fresh session is *verified* against the
 PyTorch model on a fixed batch before first use: if any output differs by more than
 ``TOLERANCE`` the engine falls back to PyTorch (and says so). A passed verification is recorded
 beside the file (``*.verified.json``, keyed by a hash of the file's contents and the torch and
@@ -11,8 +13,10 @@ return float32 numpy arrays ``expression``, ``embedding``, ``composition``.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +142,24 @@ def _remember_verified(path: Path, diff: float) -> None:
     tmp.replace(record)
 
 
+def weights_digest(model: nn.Module) -> str:
+    """A hash (16 hex digits) of every parameter and buffer of ``model``: names, dtypes, shapes, bytes."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def onnx_cache_path(model: nn.Module, cache_dir: Path, *, version: str, input_px: int) -> Path:
+    """Where the export of ``model`` lives: keyed by ``version`` (the engine passes
+    ``model_id-version``, the version being a hash of the weights file), a digest of the weights
+    actually in ``model`` and the input size."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", version or "model")
+    return Path(cache_dir) / f"{safe}-{weights_digest(model)}-{input_px}.onnx"
+
+
 def create_runtime(model: nn.Module, *, device: torch.device, input_px: int, kind: str = "auto",
                    cache_dir: Path | None = None, version: str = "", threads: int | None = None):
     """The fastest verified runtime: ONNX Runtime on CPU when available and matching, else PyTorch.
@@ -158,7 +180,7 @@ def create_runtime(model: nn.Module, *, device: torch.device, input_px: int, kin
         return TorchRuntime(model, device)
     if cache_dir is None:
         raise ValueError("an ONNX cache folder is needed (the engine passes settings.cache_dir / 'onnx')")
-    path = Path(cache_dir) / f"{version or 'model'}-{input_px}.onnx"
+    path = onnx_cache_path(model, cache_dir, version=version, input_px=input_px)
     try:
         if not path.is_file():
             export_onnx(model, input_px, path)

@@ -8,8 +8,13 @@ into ``forward_features`` (encoder) and ``forward_head`` so features can be cach
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from dataclasses import asdict, dataclass, field
+import logging
+import pickle
+import threading
+import zipfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +27,14 @@ from models.encoders import EncoderSpec, create_encoder
 from models.fusion import FusionConfig, FusionHead
 
 CHECKPOINT_FORMAT = "tessera-ckpt/1"
+VERSION_CHARS = 12  # a model version: the first 12 hex digits of the SHA-256 of its model.pt
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A model folder's ``model.pt`` or ``card.json`` cannot be used: missing, not a checkpoint,
+    corrupt, or refused because it holds more than tensors and plain containers (unsafe pickle).
+    ``core.engine.modelhub`` turns it into a ``TesseraError`` for the user."""
 
 
 @dataclass
@@ -101,12 +114,132 @@ class ModelCard:
     description: str = ""
     version: str = ""
 
+    @classmethod
+    def from_dict(cls, data, *, source: str = "card.json") -> "ModelCard":
+        """A card from parsed ``card.json``; :class:`CheckpointError` (naming the problem) when it is
+        not an object, lacks a required key or has a value of the wrong type. Unknown keys are ignored."""
+        problem = card_problem(data)
+        if problem:
+            raise CheckpointError(f"{source}: {problem}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_CARD_FIELDS = {  # key → (check, what it must be); the first six are required
+    "model_id": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "genes": (lambda v: isinstance(v, list) and all(isinstance(g, str) for g in v), "a list of strings"),
+    "cell_types": (lambda v: isinstance(v, list) and all(isinstance(g, str) for g in v), "a list of strings"),
+    "encoder": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "tile_um": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "mpp": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "input_px": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "training_data": (lambda v: isinstance(v, dict), "an object"),
+    "metrics": (lambda v: isinstance(v, dict), "an object"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "version": (lambda v: isinstance(v, str), "a string"),
+}
+_REQUIRED = ("model_id", "genes", "cell_types", "encoder", "tile_um", "mpp", "input_px")
+
+
+def card_problem(data) -> str | None:
+    """What is wrong with a parsed card (``None`` when it is usable)."""
+    if not isinstance(data, dict):
+        return f"must be a JSON object, not {type(data).__name__}"
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        return f"missing required key(s) {', '.join(missing)}"
+    for key, (ok, what) in _CARD_FIELDS.items():
+        if key in data and not ok(data[key]):
+            return f"{key!r} must be {what}, not {data[key]!r:.60}"
+    return None
+
+
+def read_card(path: Path) -> ModelCard:
+    """Read and check a ``card.json`` (:class:`CheckpointError` when it is missing or malformed)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: a model folder needs model.pt and card.json") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    return ModelCard.from_dict(data, source=str(path))
+
+
+# -- weights file hashes (cached by path + size + mtime) ------------------------------------------
+_DIGESTS: dict[tuple[str, int, int], tuple[str, str]] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _digests(data: bytes) -> tuple[str, str]:
+    """(SHA-256 hex, legacy version): the legacy one is what ``save_checkpoint`` recorded before
+    versions were SHA-256 based (a 6-byte BLAKE2b), still accepted so older stores keep their runs."""
+    return hashlib.sha256(data).hexdigest(), hashlib.blake2b(data, digest_size=6).hexdigest()
+
+
+def _read_weights(path: Path) -> tuple[bytes, tuple[str, str]]:
+    """The file's bytes and digests; the digests come from the cache when the file's size and
+    mtime are unchanged across the read (so a file replaced meanwhile is hashed afresh)."""
+    before = _stat_key(path)
+    data = path.read_bytes()
+    stable = _stat_key(path) == before and len(data) == before[1]
+    with _DIGESTS_LOCK:
+        digests = _DIGESTS.get(before) if stable else None
+    if digests is None:
+        digests = _digests(data)
+        if stable:
+            with _DIGESTS_LOCK:
+                _DIGESTS[before] = digests
+    return data, digests
+
+
+def weights_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a weights file, cached by path + size + mtime."""
+    path = Path(path)
+    key = _stat_key(path)
+    with _DIGESTS_LOCK:
+        cached = _DIGESTS.get(key)
+    return cached[0] if cached else _read_weights(path)[1][0]
+
+
+def version_for(digests: tuple[str, str], recorded: str = "") -> str:
+    """The version of the weights with these digests: the card's ``recorded`` version when it is
+    a hash of this very file (SHA-256 prefix, or the legacy BLAKE2b of older checkpoints), else the
+    first :data:`VERSION_CHARS` hex digits of its SHA-256. Either way the version is a function of
+    the file's bytes, so a replaced ``model.pt`` always gets a new version (and new run keys)."""
+    sha, legacy = digests
+    if recorded and recorded in (sha[:VERSION_CHARS], legacy):
+        return recorded
+    return sha[:VERSION_CHARS]
+
+
+def _plain(obj):
+    """``obj`` with numpy scalars turned into Python numbers (``weights_only`` loading refuses them)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj.item() if hasattr(obj, "item") and type(obj).__module__ == "numpy" else obj
+
 
 _HEADS = {"pooled": (HeadConfig, ReferenceInformedHead), "fusion": (FusionConfig, FusionHead)}
 
 
 def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard, *, half: bool = True) -> ModelCard:
-    """Write ``model.pt`` + ``card.json``; the version is a hash of the weights file.
+    """Write ``model.pt`` + ``card.json``; the version is the first 12 hex digits of the SHA-256
+    of the written ``model.pt`` (see :func:`version_for`).
+
+    The payload holds only tensors, strings, numbers and plain dicts/lists, so it loads with
+    ``torch.load(weights_only=True)``.
 
     ``half`` stores floating-point weights as float16 (half the size; loading casts them back to
     float32, and predictions move by ~1e-3 of a log-expression unit).
@@ -114,24 +247,75 @@ def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard, *, half: 
     directory.mkdir(parents=True, exist_ok=True)
     head_type = "fusion" if isinstance(head, FusionHead) else "pooled"
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in head.state_dict().items()}
-    payload = {"format": CHECKPOINT_FORMAT, "head_type": head_type, "head_config": asdict(head.config),
-               "head_state": state, "card": {**asdict(card), "version": ""}}
+    card_dict = json.loads(json.dumps(_plain({**asdict(card), "version": ""})))  # plain JSON types only
+    payload = {"format": CHECKPOINT_FORMAT, "head_type": head_type, "head_config": _plain(asdict(head.config)),
+               "head_state": state, "card": card_dict}
     path = directory / "model.pt"
     torch.save(payload, path)
-    card.version = hashlib.blake2b(path.read_bytes(), digest_size=6).hexdigest()
-    (directory / "card.json").write_text(json.dumps(asdict(card), indent=2))
+    card.version = version_for(_read_weights(path)[1])
+    (directory / "card.json").write_text(json.dumps({**card_dict, "version": card.version}, indent=2))
     return card
 
 
+def _unpickle(path: Path, data: bytes) -> dict:
+    """``torch.load(weights_only=True)`` of the bytes, every failure as a :class:`CheckpointError`;
+    nothing in the file is ever executed (a pickle asking for code is refused, not run)."""
+    if not data:
+        raise CheckpointError(f"{path} is empty (0 bytes): the file was not written completely; "
+                              "re-save or re-train the model")
+    if data[:1] != b"\x80" and not zipfile.is_zipfile(io.BytesIO(data)):  # neither a zip nor a raw pickle
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (a model.pt written by Tessera)")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"{path} was refused: it holds objects other than tensors and plain containers, which "
+                "could run code when loaded (it was not loaded). Use only checkpoints you trust, "
+                "written by Tessera's save_checkpoint") from None
+        raise CheckpointError(f"{path} is corrupt ({exc})") from None
+    except Exception as exc:  # truncated zip, bad storage records, …
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not a Tessera checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    return payload
+
+
 def load_checkpoint(directory: Path, *, encoder_weights: str | Path | None = None) -> tuple[TesseraModel, ModelCard]:
-    """Load a checkpoint folder into an eval-mode :class:`TesseraModel` and its card."""
-    payload = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{directory}: unknown checkpoint format {payload.get('format')!r}")
-    card = ModelCard(**json.loads((directory / "card.json").read_text()))
-    config_cls, head_cls = _HEADS[payload.get("head_type", "pooled")]
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["head_state"].items()}
-    head = head_cls(config_cls(**payload["head_config"]), state["profiles"])
-    head.load_state_dict(state)
+    """Load a checkpoint folder into an eval-mode :class:`TesseraModel` and its card.
+
+    ``model.pt`` is loaded with ``weights_only=True``; any problem with it or ``card.json`` raises
+    :class:`CheckpointError`. The returned card's ``version`` is derived from the SHA-256 of the
+    ``model.pt`` read (:func:`version_for`): when ``card.json`` records another version (the weights
+    were replaced after the card was written) a warning is logged and the file's version is used.
+    """
+    directory = Path(directory)
+    card = read_card(directory / "card.json")
+    path = directory / "model.pt"
+    try:
+        data, digests = _read_weights(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: a model folder needs model.pt and card.json") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc})") from None
+    payload = _unpickle(path, data)
+    version = version_for(digests, card.version)
+    if card.version and version != card.version:
+        log.warning("%s: card.json records version %s but model.pt hashes to %s (model.pt was replaced "
+                    "after the card was written); using %s", directory, card.version, version, version)
+    card.version = version
+    head_type = payload.get("head_type", "pooled")
+    state = payload.get("head_state")
+    if head_type not in _HEADS or not isinstance(payload.get("head_config"), dict) or not isinstance(state, dict) \
+            or not all(isinstance(v, torch.Tensor) for v in state.values()) or "profiles" not in state:
+        raise CheckpointError(f"{path}: incomplete checkpoint (head type {head_type!r}, head config or weights missing)")
+    config_cls, head_cls = _HEADS[head_type]
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    try:
+        head = head_cls(config_cls(**payload["head_config"]), state["profiles"])
+        head.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: the weights do not fit the recorded head ({exc})") from None
     model = TesseraModel(create_encoder(card.encoder, weights_path=encoder_weights), head).eval()
     return model, card

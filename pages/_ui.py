@@ -14,8 +14,9 @@ import streamlit as st
 
 from core.config import load_settings
 from core.errors import OutdatedStoreError, StoreBusyError, TesseraError
+from core.safety import inside_roots, md_escape, safe_filename
 from core.store.db import Store
-from core.vocab import MIN_TISSUE
+from core.vocab import MIN_TISSUE, MPP_MAX, MPP_MIN
 
 T = TypeVar("T")
 
@@ -76,8 +77,9 @@ def mpp_fix_form(cohort: str, slide_name: str, slide_path: str, key: str) -> Non
     from core.cohort.importer import fix_slide_mpp
 
     with st.form(key=f"mppfix_{key}"):
-        st.write(f"**{slide_name}** has no µm/px in its metadata. Typical values: 0.25 (40×), 0.5 (20×).")
-        mpp = st.number_input("µm per pixel at level 0", min_value=0.05, max_value=20.0, value=0.5, step=0.001,
+        st.write(f"**{md_escape(slide_name)}** has no usable µm/px in its metadata. Typical values: 0.25 (40×), "
+                 "0.5 (20×).")
+        mpp = st.number_input("µm per pixel at level 0", min_value=MPP_MIN, max_value=MPP_MAX, value=0.5, step=0.001,
                               format="%.4f", key=f"mpp_{key}")
         if st.form_submit_button("Save µm/px"):
             with write_store() as store:
@@ -91,7 +93,7 @@ def flash() -> None:
     """Show (once) the message an action left before it reran the page."""
     message = st.session_state.pop("flash", None)
     if message:
-        st.success(message)
+        st.success(md_escape(message))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -206,6 +208,8 @@ def sidebar() -> tuple[str | None, str | None]:
 
     Both choices survive page switches. The default model is the most recent one with predictions
     for the chosen cohort; models without any for it say so in the picker."""
+    exposure_check()
+    role()   # with login on, every page stops here until the user has signed in
     if store_path().exists():
         upgrade_store_if_needed()
         ingest_pending()
@@ -283,11 +287,11 @@ def guard():
     """Show domain errors as ``st.error`` with their message; never a traceback in the UI."""
     try:
         yield
-    except TesseraError as exc:
-        st.error(str(exc))
+    except TesseraError as exc:   # messages may quote what a user typed: shown as text, not Markdown
+        st.error(md_escape(exc))
     except Exception as exc:  # last line of defence: log the trace, show a short message
         log.exception("page error")
-        st.error(f"Something went wrong: {type(exc).__name__}: {exc}. The details are in the server log.")
+        st.error(md_escape(f"Something went wrong: {type(exc).__name__}: {exc}. The details are in the server log."))
 
 
 VARIABLE_KINDS = {"Predicted gene": "predicted", "Signature": "signature", "Clinical column": "clinical",
@@ -363,3 +367,91 @@ def predicted_model(cohort: str, model: str | None) -> str | None:
     coverage = query(Store.model_coverage, cohort)
     row = coverage[coverage["model_key"] == model]
     return model if not row.empty and int(row["predicted"].iloc[0]) > 0 else None
+
+
+# -- the browser is untrusted: server paths, uploads, roles ------------------------------------
+def server_path(text: str, *, kind: str = "path"):
+    """A path typed in the UI, allowed only inside the data roots (see core.safety.inside_roots)."""
+    return inside_roots(text, settings().data_roots_or_default(), kind=kind)
+
+
+def _session_id() -> str:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return safe_filename(ctx.session_id if ctx else "local", default="local")
+
+
+def upload_dir() -> Path:
+    """This browser session's upload folder (under data/uploads, git-ignored); folders of sessions
+    idle for a day are removed when a new one is made."""
+    import shutil
+    import time
+
+    base = settings().data_dir / "uploads"
+    folder = base / _session_id()
+    if not folder.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in base.iterdir():
+            if old.is_dir() and old != folder and time.time() - old.stat().st_mtime > 86400:
+                shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def saved_upload(upload) -> Path:
+    """An uploaded file written to the session's folder under a safe name, within the size cap."""
+    cap = settings().upload_mb * 1024 * 1024
+    if upload.size > cap:
+        raise TesseraError(f"{md_escape(upload.name)} is {upload.size / 1e6:.0f} MB; uploads are capped at "
+                           f"{settings().upload_mb} MB. Put large files in a data folder on the server instead.")
+    path = upload_dir() / safe_filename(upload.name)
+    path.write_bytes(upload.getvalue())
+    return path
+
+
+def auth_configured() -> bool:
+    """Login is on when ``[auth]`` is set in ``.streamlit/secrets.toml`` (Streamlit's OIDC)."""
+    try:
+        return "auth" in st.secrets
+    except Exception:          # no secrets file at all
+        return False
+
+
+def role() -> str:
+    """``operator`` (import, predict, manage cohorts) or ``viewer`` (browse and analyse).
+
+    Without login (a loopback server for one user) everyone is an operator. With login, users
+    whose e-mail is in ``operators`` (tessera.toml / TESSERA_OPERATORS) are operators; every other
+    signed-in user is a viewer; nobody gets past the login button without signing in."""
+    if not auth_configured():
+        return "operator"
+    if not st.user.is_logged_in:
+        st.info("Sign in to use Tessera.")
+        st.button("Sign in", on_click=st.login, key="login", type="primary")
+        st.stop()
+    email = str(st.user.get("email", "")).lower()
+    return "operator" if email in settings().operators else "viewer"
+
+
+def require_operator(action: str) -> None:
+    if role() != "operator":
+        st.info(f"{action} is for operators. You are signed in as a viewer: browse and analyse, or ask an "
+                "operator to add your e-mail to the operators list.")
+        st.stop()
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", ""}
+
+
+def exposure_check() -> None:
+    """Refuse to serve an open (non-loopback) address without login, unless the operator says they
+    know (``TESSERA_ALLOW_OPEN=1``: e.g. a reverse proxy that authenticates)."""
+    import os
+
+    address = str(st.get_option("server.address") or "")
+    if address in LOOPBACK or auth_configured() or os.environ.get("TESSERA_ALLOW_OPEN") == "1":
+        return
+    st.error(f"This server listens on {md_escape(address)} without login. Configure [auth] in "
+             ".streamlit/secrets.toml (see the README, Deploying for a team), bind to 127.0.0.1, or set "
+             "TESSERA_ALLOW_OPEN=1 if a proxy in front of it authenticates users.")
+    st.stop()

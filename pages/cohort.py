@@ -54,7 +54,8 @@ with _ui.guard():
                 names = list(own["slide_name"])
                 choice = st.radio("Slide", names, key="sel_slide",
                                   index=names.index(current.iloc[0]) if len(current) else 0)
-                if st.button("Use this slide", key="sel_go"):
+                if st.button("Use this slide", key="sel_go", disabled=_ui.role() != "operator",
+                             help="Operators only, when login is on."):
                     with _ui.write_store() as store:
                         store.select_slide(cohort, patient, own[own["slide_name"] == choice]["slide_path"].iloc[0])
                     st.session_state["flash"] = f"{patient}: analyses now use {choice}."

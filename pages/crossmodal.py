@@ -5,6 +5,7 @@ from core.analysis import crossmodal
 from core.analysis.maps import parse_signature
 from core.analysis.plots import profile_bars
 from core.store.db import Store
+from core.vocab import MPP_MAX, MPP_MIN
 from pages import _ui
 
 
@@ -22,7 +23,7 @@ def patch_query(model_key: str, run_keys: tuple):
     c1, c2 = st.columns([2, 1])
     upload = c1.file_uploader("H&E patch (PNG, JPEG or TIFF)", type=["png", "jpg", "jpeg", "tif", "tiff"],
                               key="xm_upload")
-    mpp = c2.number_input("Patch µm per pixel", min_value=0.05, max_value=20.0, value=float(model_mpp),
+    mpp = c2.number_input("Patch µm per pixel", min_value=MPP_MIN, max_value=MPP_MAX, value=float(model_mpp),
                           step=0.05, format="%.3f", key="xm_patch_mpp",
                           help=f"The model looks at {tile_um:.0f} µm tiles; the patch is cropped/resized to match.")
     if upload is None:

@@ -5,16 +5,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from core.safety import md_escape
 from core.store.db import Store
 from core.vocab import ENDPOINTS, SlideStatus
 from pages import _ui
-
-
-def saved_upload(upload, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / Path(upload.name).name
-    path.write_bytes(upload.getvalue())
-    return path
 
 
 def mapping_widgets(clinical_path: Path):
@@ -49,8 +43,7 @@ def mapping_widgets(clinical_path: Path):
 def import_form() -> None:
     from core.cohort.importer import import_cohort, read_mpp_overrides
 
-    uploads = _ui.settings().data_dir / "uploads"
-    name = st.text_input("Cohort name", value="my-cohort", key="imp_name")
+    name = st.text_input("Cohort name", value="my-cohort", key="imp_name", max_chars=80)
     slides_dir = st.text_input("Slides folder on this server (searched recursively; leave empty for a "
                                "clinical-only cohort)", key="imp_slides")
     c1, c2 = st.columns(2)
@@ -63,11 +56,14 @@ def import_form() -> None:
                           help="auto: detected per column and stated in the report. 0/1: 1 = event, 0 = censored. "
                                "1/2: the R Surv convention, 2 = event, 1 = censored. Words (Dead/Alive, "
                                "TRUE/FALSE, 1:DECEASED) are always read as they say.")
-    clinical = saved_upload(upload, uploads) if upload else (Path(clinical_path) if clinical_path else None)
+    clinical = (_ui.saved_upload(upload) if upload else
+                _ui.server_path(clinical_path, kind="clinical file") if clinical_path else None)
+    replace = st.checkbox("Replace the cohort if it exists", key="imp_replace",
+                          help="Importing under an existing name replaces its slides and clinical table.")
     mapping = None
     if clinical is not None and fmt == "generic":
         if not clinical.is_file():
-            st.error(f"Clinical file not found: {clinical}")
+            st.error("The clinical path is not a file.")
             return
         mapping = mapping_widgets(clinical)
     if st.button("Import cohort", type="primary", key="imp_go"):
@@ -75,30 +71,31 @@ def import_form() -> None:
             st.error("Give a clinical file (a clinical-only cohort), a slides folder (slides for an existing "
                      "cohort), or both.")
             return
-        if slides_dir and not Path(slides_dir).is_dir():
-            st.error(f"Slides folder not found on the server: {slides_dir}")
+        folder = _ui.server_path(slides_dir, kind="slides folder") if slides_dir else None
+        if folder is not None and not folder.is_dir():
+            st.error("The slides path is not a folder.")
             return
         if clinical is not None and not clinical.is_file():
-            st.error(f"Clinical file not found on the server: {clinical}")
+            st.error("The clinical path is not a file.")
             return
-        overrides = read_mpp_overrides(saved_upload(mpp_upload, uploads)) if mpp_upload else None
+        overrides = read_mpp_overrides(_ui.saved_upload(mpp_upload)) if mpp_upload else None
         bar = st.progress(0.0, text="Scanning slides…")
         with _ui.write_store() as store:
-            report = import_cohort(store, name, Path(slides_dir) if slides_dir else None, clinical, mapping=mapping,
+            report = import_cohort(store, name, folder, clinical, mapping=mapping, replace=replace,
                                    fmt=None if fmt == "auto-detect" else fmt, mpp_overrides=overrides,
                                    event_coding=coding,
                                    progress=lambda i, n, f: bar.progress(i / max(n, 1), text=f"Probing {f}"))
         bar.empty()
         counts = report.counts()
-        st.success(f"Imported '{name}': {counts['files']} files found, {counts.get('ok', 0)} slides ready, "
+        st.success(f"Imported '{md_escape(name)}': {counts['files']} files found, {counts.get('ok', 0)} slides ready, "
                    f"{counts['linked']} slides linked to a patient; the clinical table "
                    f"({report.clinical_format}) has {counts['patients']} patients.")
         for issue in report.issues:
             if issue["kind"] == "slides":
-                (st.info if issue["severity"] == "info" else st.warning)(issue["message"])
+                (st.info if issue["severity"] == "info" else st.warning)(md_escape(issue["message"]))
             elif issue["kind"] == "clinical" and issue["subject"] in ENDPOINTS and issue["severity"] != "warning":
                 # how each event column was read (or why it could not be): said up front, not in a table
-                (st.error if issue["severity"] == "error" else st.info)(issue["message"])
+                (st.error if issue["severity"] == "error" else st.info)(md_escape(issue["message"]))
         st.session_state["imp_report_cohort"] = name   # the link report below shows the new cohort
 
 
@@ -106,7 +103,6 @@ def measured_form(cohorts: list[str]) -> None:
     """A genes × patients matrix (CSV/TSV/Parquet) for a cohort: the measured variables."""
     from core.cohort.importer import import_measured
 
-    uploads = _ui.settings().data_dir / "uploads"
     c1, c2, c3 = st.columns(3)
     cohort = c1.selectbox("Cohort", cohorts, key="meas_cohort")
     path = c2.text_input("Matrix file on this server", key="meas_path")
@@ -114,15 +110,15 @@ def measured_form(cohorts: list[str]) -> None:
     st.caption("Genes × patients or patients × genes, keyed by full barcode, patient barcode, or the barcode's "
                "last 4 characters; the orientation is detected from the ids.")
     if st.button("Import matrix", key="meas_go"):
-        matrix = saved_upload(upload, uploads) if upload else (Path(path) if path else None)
+        matrix = _ui.saved_upload(upload) if upload else _ui.server_path(path, kind="matrix file") if path else None
         if matrix is None or not matrix.is_file():
-            st.error("Give a matrix file that exists on the server, or upload one.")
+            st.error("Give a matrix file inside the server's data folders, or upload one.")
             return
         with _ui.write_store() as store:
             result = import_measured(store, cohort, matrix)
-        st.success(f"{cohort}: {result.summary()}")
+        st.success(md_escape(f"{cohort}: {result.summary()}"))
         for issue in result.issues:
-            (st.warning if issue.severity != "info" else st.info)(issue.message)
+            (st.warning if issue.severity != "info" else st.info)(md_escape(issue.message))
 
 
 def report(cohort: str) -> None:
@@ -163,7 +159,8 @@ def report(cohort: str) -> None:
 st.header("Import a cohort")
 with _ui.guard():
     _ui.flash()
-    with st.expander("New import", expanded=not _ui.store_path().exists()):
+    _ui.require_operator("Importing cohorts")
+    with st.expander("New import", expanded=not _ui.store_path().exists()), _ui.guard():
         import_form()
     cohorts = _ui.query(Store.cohorts) if _ui.store_path().exists() else []
     if cohorts:
@@ -176,4 +173,5 @@ with _ui.guard():
             source = _ui.query(Store.measured_source, cohort)
             if source:
                 st.caption(f"{cohort} has a measured matrix: {source.get('summary', '')} (from {source.get('file')}).")
-            measured_form(cohorts)
+            with _ui.guard():
+                measured_form(cohorts)

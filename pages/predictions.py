@@ -11,8 +11,10 @@ st.header("Predictions")
 with _ui.guard():
     _ui.flash()
     cohort, _ = _ui.sidebar()
-    if cohort:
-        from core.engine.jobs import start_job
+    if cohort and _ui.role() != "operator":
+        st.info("Starting predictions is for operators; you can watch the jobs below.")
+    elif cohort:
+        from core.engine.jobs import list_jobs, start_job
         from core.engine.modelhub import list_cards
 
         cards = list_cards(_ui.settings().model_dirs)
@@ -33,11 +35,17 @@ with _ui.guard():
         if c3.button("Predict cohort", type="primary", key="pj_start",
                      help="Runs in the background; close this page whenever you like. Slides already "
                           "predicted are served from the cache; an interrupted job resumes."):
-            job, started = start_job(_ui.store_path(), cohort, model_id, min_tissue=min_tissue, nuclei=nuclei)
-            st.session_state["flash"] = ("Job started: it runs in the background." if started else
-                                         "This prediction is already running (maybe from another session): "
-                                         "showing it below.")
-            st.rerun()
+            running = [j for j in list_jobs(_ui.store_path()) if j.active]
+            cap = _ui.settings().max_jobs
+            if len(running) >= cap:
+                st.warning(f"{len(running)} prediction jobs are running on this server (the cap is {cap}, "
+                           "TESSERA_MAX_JOBS): wait for one to finish, or cancel one below.")
+            else:
+                job, started = start_job(_ui.store_path(), cohort, model_id, min_tissue=min_tissue, nuclei=nuclei)
+                st.session_state["flash"] = ("Job started: it runs in the background." if started else
+                                             "This prediction is already running (maybe from another session): "
+                                             "showing it below.")
+                st.rerun()
 
     def _eta(seconds) -> str:
         if seconds is None:
@@ -66,7 +74,8 @@ with _ui.guard():
             s = job.status
             with st.container(border=True):
                 top = st.columns([3, 1])
-                top[0].markdown(f"**{s.cohort or '?'}** · {_ui.model_label(s.model) if s.model else '?'} · `{s.status}`")
+                top[0].markdown(f"**{_ui.md_escape(s.cohort or '?')}** · "
+                                f"{_ui.md_escape(_ui.model_label(s.model)) if s.model else '?'} · `{s.status}`")
                 if s.active and top[1].button("Cancel", key=f"cancel_{job.id}"):
                     job.cancel()
                 if s.active and not s.total:
@@ -83,3 +92,16 @@ with _ui.guard():
 
     st.subheader("Jobs")
     jobs_panel()
+
+    from core.engine.access import StoreAccess
+
+    held = StoreAccess(_ui.store_path()).quarantined() if _ui.store_path().exists() else []
+    if held:
+        st.subheader(f"Quarantined runs ({len(held)})")
+        st.caption("Finished runs that could not be stored (a damaged chunk or marker, or a store that refused "
+                   "them three times). The other runs went in; these are kept aside with the reason. Predict "
+                   "the slide again, or restore a run once the cause is fixed.")
+        st.dataframe(pd.DataFrame([{"slide": q["slide"], "run": q["run_key"][:16], "stage": q["stage"],
+                                    "reason": q["reason"],
+                                    "when": time.strftime("%Y-%m-%d %H:%M", time.localtime(q["time"]))}
+                                   for q in held]), hide_index=True, width="stretch", key="pj_quarantine")

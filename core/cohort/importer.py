@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 
 from core.cohort.barcodes import parse_barcode
-from core.errors import ClinicalFormatError, MissingMppError, NoTissueError, SlideOpenError
+from core.errors import ClinicalFormatError, CohortExistsError, MissingMppError, NoTissueError, SlideOpenError
 from core.store.db import SLIDE_COLUMNS, Store
-from core.vocab import CANDIDATE_SUFFIXES, VENDOR_SUFFIXES, SlideStatus
+from core.vocab import (CANDIDATE_SUFFIXES, MAX_GRID_FACTOR, MAX_TILES_PER_SLIDE, MPP_MAX, MPP_MIN,
+                        VENDOR_SUFFIXES, SlideStatus)
 from core.wsi.fingerprint import fingerprint
 from core.wsi.slide import Slide
 from core.wsi.tiling import TilingParams, tile_grid, tissue_mask
@@ -55,8 +56,9 @@ def read_mpp_overrides(path: str | Path) -> dict[str, float]:
                                   f"found {', '.join(map(str, df.columns))}.")
     out = {}
     for slide, mpp in zip(df[cols["slide"]].astype(str), pd.to_numeric(df[cols["mpp"]], errors="coerce")):
-        if not np.isfinite(mpp) or not 0.05 <= mpp <= 20:
-            raise ClinicalFormatError(f"{Path(path).name}: µm/px for {slide} must be between 0.05 and 20, got {mpp}.")
+        if not np.isfinite(mpp) or not MPP_MIN <= mpp <= MPP_MAX:
+            raise ClinicalFormatError(f"{Path(path).name}: µm/px for {slide} must be between {MPP_MIN:g} and "
+                                      f"{MPP_MAX:g} (typical: 0.25 at 40×, 0.5 at 20×), got {mpp:g}.")
         out[Path(slide).name] = float(mpp)
     return out
 
@@ -107,9 +109,18 @@ def probe_slide(path: Path, *, tiling: TilingParams, mpp_override: float | None 
             if "estimate" in slide.mpp_source:
                 row["message"] = (f"µm/px {slide.mpp:.3g} estimated from the objective power "
                                   f"({slide.objective_power:g}×); set it exactly if known.")
+            too_large = _grid_too_large(slide, tiling)
+            if too_large:
+                return SlideProbe(**{**row, "status": SlideStatus.TOO_LARGE, "message": too_large})
             detected = tissue_mask(slide, mask_mpp=tiling.mask_mpp)
             row["tissue_fraction"] = float(detected[0].fraction)
             row["n_tiles"] = len(tile_grid(slide, tiling, tissue=detected))
+            if row["n_tiles"] > MAX_TILES_PER_SLIDE:
+                row.update(status=SlideStatus.TOO_LARGE, message=(
+                    f"{path.name}: {row['n_tiles']:,} tiles of {tiling.tile_um:g} µm with tissue, more than the "
+                    f"{MAX_TILES_PER_SLIDE:,} one slide may have (at {slide.mpp:.4g} µm/px, "
+                    f"{row['width']:,} × {row['height']:,} px). Check its µm/px ({slide.mpp_source}); "
+                    "set it exactly if it is wrong."))
     except SlideOpenError as exc:
         row.update(_classify_open_error(path, exc))
     except NoTissueError as exc:
@@ -119,6 +130,20 @@ def probe_slide(path: Path, *, tiling: TilingParams, mpp_override: float | None 
                    message=f"{path.name}: reading failed ({type(exc).__name__}: {exc}); "
                            "the file may be truncated or damaged.")
     return SlideProbe(**row)
+
+
+def _grid_too_large(slide: Slide, tiling: TilingParams) -> str:
+    """A message when the slide's whole tile grid is absurdly large (checked before any decode), else ''."""
+    size = tiling.tile_um / slide.mpp
+    w, h = slide.dimensions
+    n_grid = (w // size) * (h // size)
+    limit = MAX_GRID_FACTOR * MAX_TILES_PER_SLIDE
+    if n_grid <= limit:
+        return ""
+    return (f"{slide.path.name}: {w:,} × {h:,} px at {slide.mpp:.4g} µm/px ({slide.mpp_source}) is "
+            f"{w * slide.mpp / 1e4:.1f} × {h * slide.mpp / 1e4:.1f} cm, a grid of {int(n_grid):,} tiles of "
+            f"{tiling.tile_um:g} µm; one slide may have at most {MAX_TILES_PER_SLIDE:,} tiles with tissue "
+            f"(grid {limit:,}). Check its µm/px; set it exactly if it is wrong.")
 
 
 def _classify_open_error(path: Path, exc: SlideOpenError) -> dict:
@@ -223,17 +248,25 @@ def _no_slides() -> pd.DataFrame:
 def import_cohort(store: Store, name: str, slides_dir: Path | None, clinical_path: Path | None, *, mapping=None,
                   fmt: str | None = None, mpp_overrides: dict[str, float] | None = None,
                   tiling: TilingParams | None = None, progress=None,
-                  event_coding: str | dict[str, str] = "auto") -> ImportReport:
+                  event_coding: str | dict[str, str] = "auto", replace: bool = False) -> ImportReport:
     """Scan, probe, link and save cohort ``name`` in the store; returns the link report.
 
     ``slides_dir`` None imports the clinical table alone (a clinical-only cohort: clinical and
     measured variables can be analysed before any slide is there). ``clinical_path`` None adds or
     rescans the slides of an existing cohort against the clinical table it already has.
+
+    Importing a clinical table under the name of a cohort that is already in the store replaces
+    that cohort only with ``replace=True``; otherwise :class:`~core.errors.CohortExistsError`.
     """
     from core.cohort.clinical import read_clinical
 
     if slides_dir is None and clinical_path is None:
         raise ClinicalFormatError("Give a clinical table, a slide folder, or both.")
+    if clinical_path is not None and not replace and name in store.cohorts():
+        raise CohortExistsError(
+            f"There is already a cohort {name!r} in the store. Importing a clinical table under its name would "
+            "replace its slides and clinical table: ask for it explicitly (--replace, or 'Replace the cohort' "
+            "on the Import page), choose another name, or give only a slide folder to add slides to it.")
     source = {"kind": "import", "slides": str(slides_dir) if slides_dir else None}
     if clinical_path is not None:
         clinical = read_clinical(clinical_path, mapping=mapping, fmt=fmt, event_coding=event_coding)
@@ -272,8 +305,9 @@ def import_cohort(store: Store, name: str, slides_dir: Path | None, clinical_pat
 def fix_slide_mpp(store: Store, cohort: str, slide_path: str, mpp: float, *,
                   tiling: TilingParams | None = None) -> SlideProbe:
     """Set a user-given µm/px for one slide, re-probe it with that value and save the new status."""
-    if not 0.05 <= float(mpp) <= 20:
-        raise ClinicalFormatError(f"µm/px must be between 0.05 and 20 (typical: 0.25 at 40×, 0.5 at 20×); got {mpp}.")
+    if not np.isfinite(float(mpp)) or not MPP_MIN <= float(mpp) <= MPP_MAX:
+        raise ClinicalFormatError(f"µm/px must be between {MPP_MIN:g} and {MPP_MAX:g} (typical: 0.25 at 40×, "
+                                  f"0.5 at 20×); got {mpp}.")
     probe = probe_slide(Path(slide_path), tiling=tiling or TilingParams(), mpp_override=float(mpp))
     row = probe.row()
     store.update_slide(cohort, slide_path, {k: row[k] for k in

@@ -20,9 +20,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from core.cohort.clinical_io import check_file_size, read_gzip_capped
 from core.cohort.clinical_values import ClinicalIssue, Issues, is_missing, some
 from core.errors import MeasuredFormatError
-from core.vocab import TCGA_PATIENT
+from core.vocab import MAX_MEASURED_FILE_BYTES, MAX_MEASURED_INFLATED_BYTES, TCGA_PATIENT
 
 ORIENTATIONS = ("genes x patients", "patients x genes")
 KEYS = ("barcode", "patient", "suffix4")
@@ -88,6 +89,9 @@ def _kind(path: Path) -> str:
 def _read_text(path: Path) -> tuple[list[str], pd.DataFrame]:
     """Header cells (raw, not de-duplicated) and the body with positional columns."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    if opener is gzip.open:  # counted while streaming, before pandas inflates it for real
+        read_gzip_capped(path, MAX_MEASURED_INFLATED_BYTES, error=MeasuredFormatError,
+                         what="measured expression matrix", keep=False)
     try:
         with opener(path, "rb") as fh:
             head = fh.read(65536)
@@ -117,7 +121,24 @@ def _read_text(path: Path) -> tuple[list[str], pd.DataFrame]:
     return [str(h).strip() for h in header], body
 
 
+def _parquet_inflated_bytes(path: Path) -> int:
+    """The uncompressed size of a Parquet file's data, from its footer (nothing decoded)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+
 def _read_parquet(path: Path) -> tuple[list[str], pd.DataFrame]:
+    try:
+        inflated = _parquet_inflated_bytes(path)
+    except Exception as e:  # not a Parquet file, or a damaged footer
+        raise MeasuredFormatError(f"{path.name} cannot be read as Parquet ({e}); write it again, or give a "
+                                  "CSV/TSV.") from e
+    if inflated > MAX_MEASURED_INFLATED_BYTES:
+        raise MeasuredFormatError(f"{path.name} holds {inflated / 2**20:,.0f} MB of uncompressed data, more than "
+                                  f"the {MAX_MEASURED_INFLATED_BYTES / 2**20:,.0f} MB a measured expression matrix "
+                                  "may have. Keep only the cohort's samples and the genes needed.")
     try:
         df = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises many types for a damaged or foreign file
@@ -133,6 +154,7 @@ def _read_parquet(path: Path) -> tuple[list[str], pd.DataFrame]:
 def _read_table(path: Path) -> tuple[list[str], pd.DataFrame]:
     if not path.is_file():
         raise MeasuredFormatError(f"No expression matrix at {path}; check the path.")
+    check_file_size(path, MAX_MEASURED_FILE_BYTES, error=MeasuredFormatError, what="measured expression matrix")
     kind = _kind(path)
     if kind in _PARQUET:
         header, body = _read_parquet(path)
@@ -253,11 +275,21 @@ def _numeric(values: pd.DataFrame, issues: Issues) -> pd.DataFrame:
 
 
 def _clean_genes(genes: list[str], issues: Issues) -> np.ndarray:
-    """Mask of gene positions to keep: named, first of each name."""
+    """Mask of gene positions to keep: named, first of each name. Names that differ only by case
+    (``TP53``/``tp53``) are refused: the store and the analyses match genes case-insensitively,
+    so which one is meant cannot be told."""
     s = pd.Series(genes, dtype=object)
     blank = s.isna() | (s.astype(str).str.strip() == "")
     if blank.any():
         issues.add("warning", f"Dropped {int(blank.sum())} gene(s) without a name.")
+    named = s[~blank].astype(str).str.strip()
+    spellings = named.drop_duplicates().groupby(named.drop_duplicates().str.lower()).agg(list)
+    clash = spellings[spellings.map(len) > 1]
+    if len(clash):
+        raise MeasuredFormatError(
+            f"{len(clash)} gene name(s) differ only by case ({some(' / '.join(v) for v in clash)}); which one is "
+            "meant cannot be told, since genes are matched without regard to case. Rename or remove one of "
+            "each pair in the file.")
     dup = s.duplicated(keep="first") & ~blank
     if dup.any():
         issues.add("warning", f"{int(dup.sum())} duplicate gene name(s) ({some(s[dup])}); kept the first of each, "

@@ -65,21 +65,36 @@ def _stream_class():
             info = get_worker_info()
             wid, n = (0, 1) if info is None else (info.id, info.num_workers)
             handles: OrderedDict[str, Slide] = OrderedDict()
+            broken: set[str] = set()    # slides that failed here: their other units are skipped
             try:
                 for job, chunk, path, mpp_override, size, idx, xy in self.units[wid::n]:
-                    if path not in handles:
-                        handles[path] = Slide(path, mpp_override=mpp_override)
-                        if len(handles) > 4:
-                            handles.popitem(last=False)[1].close()
-                    slide = handles[path]
-                    for i, (x, y) in zip(idx, xy):
-                        tile = slide.read_region((int(x), int(y)), size, self.out_px)
-                        counts = None
-                        if self.nuclei_mpp:   # in the loader worker: overlapped with the model
-                            from core.wsi.nuclei_classes import nucleus_counts
+                    if path in broken:
+                        continue
+                    try:
+                        if path not in handles:
+                            handles[path] = Slide(path, mpp_override=mpp_override)
+                            if len(handles) > 4:
+                                handles.popitem(last=False)[1].close()
+                        slide = handles[path]
+                        for i, (x, y) in zip(idx, xy):
+                            tile = slide.read_region((int(x), int(y)), size, self.out_px)
+                            counts = None
+                            if self.nuclei_mpp:   # in the loader worker: overlapped with the model
+                                from core.wsi.nuclei_classes import nucleus_counts
 
-                            counts = nucleus_counts(tile, mpp=self.nuclei_mpp)
-                        yield job, chunk, int(i), tile, counts
+                                counts = nucleus_counts(tile, mpp=self.nuclei_mpp)
+                            yield job, chunk, int(i), tile, counts
+                    except Exception as exc:  # noqa: BLE001 - this slide fails, the others go on
+                        broken.add(path)
+                        old = handles.pop(path, None)
+                        if old is not None:
+                            try:
+                                old.close()
+                            except Exception:  # noqa: BLE001
+                                pass
+                        # a failure marker: no tile, the message where the counts go
+                        yield job, chunk, -1, None, f"{type(exc).__name__}: {exc}"
+                        continue
             finally:
                 for slide in handles.values():
                     slide.close()
@@ -88,11 +103,17 @@ def _stream_class():
 
 
 def _collate(batch):
+    """Tiles into a batch; failure markers (tile ``None``) come out apart as (job, message) pairs."""
     import torch
 
+    failures = [(b[0], b[4]) for b in batch if b[3] is None]
+    batch = [b for b in batch if b[3] is not None]
+    if not batch:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, None, None, failures
     jobs, chunks, idx, tiles, counts = zip(*batch)
     nuclei = None if counts[0] is None else np.stack(counts).astype(np.int16)
-    return np.array(jobs), np.array(chunks), np.array(idx), torch.from_numpy(np.stack(tiles)), nuclei
+    return np.array(jobs), np.array(chunks), np.array(idx), torch.from_numpy(np.stack(tiles)), nuclei, failures
 
 
 class Engine:
@@ -114,8 +135,12 @@ class Engine:
 
     def run(self, jobs: list[SlideJob], spool: Spool, *, progress: Callable[[Progress], None] | None = None,
             cancel: Callable[[], bool] | None = None, on_slide: Callable[[SlideJob], None] | None = None,
-            nuclei: bool = False) -> set[int]:
+            nuclei: bool = False, failed: dict[int, str] | None = None) -> set[int]:
         """Compute every pending chunk of ``jobs`` into ``spool``; returns the indices of finished jobs.
+
+        A slide that cannot be read any more (moved, deleted, damaged after planning) stops only
+        itself: its index and the reason go to ``failed`` (its finished chunks stay in the spool),
+        and the other slides go on.
 
         ``nuclei``: the loader workers also segment and classify the nuclei of every tile
         (:func:`core.wsi.nuclei_classes.nucleus_counts`) while the model runs on earlier batches.
@@ -146,10 +171,32 @@ class Engine:
         buffers: dict[tuple, list] = {}
         got: Counter = Counter()
         done, started = 0, time.perf_counter()
-        for job_ids, chunk_ids, idx, tiles, counts in loader:
+        failed = {} if failed is None else failed
+        for job_ids, chunk_ids, idx, tiles, counts, failures in loader:
             if cancel is not None and cancel():
                 log.info("cancelled after %d of %d tiles; finished chunks are kept", done, total)
                 break
+            for j, message in failures:
+                j = int(j)
+                if j not in failed and j not in finished:
+                    failed[j] = message
+                    log.warning("%s: failed while its tiles were read (%s); the other slides go on",
+                                jobs[j].name, message)
+                    for key in [k for k in buffers if k[0] == j]:
+                        buffers.pop(key)
+                    total -= sum(expected[k] - got[k] for k in expected if k[0] == j)
+                    jobs[j].release()
+            if tiles is None:
+                continue
+            keep = np.array([int(j) not in failed for j in job_ids], dtype=bool)
+            if not keep.all():
+                import torch
+
+                job_ids, chunk_ids, idx = job_ids[keep], chunk_ids[keep], idx[keep]
+                tiles = tiles[torch.from_numpy(keep)]
+                counts = None if counts is None else counts[keep]
+                if not len(idx):
+                    continue
             for j in set(job_ids.tolist()):
                 jobs[j].started = jobs[j].started or time.perf_counter()
             out = self.runtime(tiles)
@@ -187,6 +234,7 @@ class Engine:
                   "seconds": seconds, "model": {"model_id": m.model_id, "version": m.version, "genes": m.genes,
                                                 "cell_types": m.cell_types, "card": m.card}}
         spool.finish(job.run_key, marker, job.n_chunks)
+        job.release()   # the run is complete: an ingest may take it now
         log.info("%s: %d tiles done (%.1f s)", job.name, len(job.xy), seconds)
         if on_slide:
             on_slide(job)

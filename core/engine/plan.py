@@ -2,6 +2,13 @@
 
 A run is keyed by (slide content fingerprint, model id + version, tiling, slide µm/px); a run
 that is complete in the store is served from it and no model work is done.
+
+Planning never holds the store for long (:func:`plan_slides`): the store is opened for two brief
+moments (fingerprint memo and cached runs looked up; new fingerprints remembered), while content
+hashing, slide reading and tissue masks run with the store closed, so the app and other jobs can
+write meanwhile. A slide that cannot be planned (moved, deleted, unreadable) is a ``failed``
+:class:`SlideResult` with the reason; the other slides go on. A slide whose run another writer is
+computing (its run lock is held, :mod:`core.engine.spool`) is ``busy`` and skipped.
 """
 from __future__ import annotations
 
@@ -14,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from core.engine.modelhub import LoadedModel
-from core.engine.spool import CHUNK_TILES, Spool
+from core.engine.spool import CHUNK_TILES, RunLock, Spool
 from core.store.db import RunRecord, Store
 from core.vocab import SlideStatus
-from core.wsi.fingerprint import fingerprint
+from core.wsi.fingerprint import file_fingerprint, fingerprint
 from core.wsi.slide import Slide
 from core.wsi.tiling import TilingParams, tile_grid
 
@@ -28,9 +35,10 @@ log = logging.getLogger(__name__)
 class SlideResult:
     slide_name: str
     run_key: str
-    status: str  # "cached", "computed" or "cancelled"
+    status: str  # "cached", "computed", "cancelled", "failed" (see message) or "busy" (another job has it)
     n_tiles: int
     seconds: float
+    message: str = ""
 
     @property
     def tiles_per_s(self) -> float:
@@ -60,6 +68,12 @@ class SlideJob:
     tissue: np.ndarray
     pending: set[int] = field(default_factory=set)  # chunk numbers still to compute
     started: float | None = None
+    lock: RunLock | None = field(default=None, repr=False)  # the run's spool lock, held while writing
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def name(self) -> str:
@@ -100,7 +114,8 @@ def usable_slides(store: Store, cohort: str) -> list[tuple[str, float | None]]:
 
 def plan_slide(store: Store, spool: Spool, path: str | Path, model: LoadedModel, tiling: TilingParams, *,
                mpp_override: float | None = None, force: bool = False, nuclei: bool = False) -> SlideJob | SlideResult:
-    """A :class:`SlideResult` (cached) when the run is in the store, else the :class:`SlideJob`."""
+    """A :class:`SlideResult` (cached, or busy when another writer holds the run) when no model
+    work is due here, else the :class:`SlideJob` (holding the run's spool lock)."""
     path = Path(path)
     started = time.perf_counter()
     slide_fp = fingerprint(store, path)
@@ -111,16 +126,108 @@ def plan_slide(store: Store, spool: Spool, path: str | Path, model: LoadedModel,
         if existing is not None and not force:
             log.info("%s: cached (run %s, %d tiles), no model work", path.name, run_key, existing["n_tiles"])
             return SlideResult(path.name, run_key, "cached", int(existing["n_tiles"]), time.perf_counter() - started)
+        return _job(spool, path, slide, slide_fp, run_key, model, tiling, mpp_override, force, nuclei, started)
+
+
+def _job(spool: Spool, path: Path, slide: Slide, slide_fp: str, run_key: str, model: LoadedModel,
+         tiling: TilingParams, mpp_override: float | None, force: bool, nuclei: bool,
+         started: float) -> SlideJob | SlideResult:
+    lock = spool.lock(run_key, slide=path.name)
+    if lock is None:
+        holder = spool.lock_holder(run_key)
+        log.info("%s: run %s is being written by another process (pid %s); skipped", path.name, run_key,
+                 holder.get("pid", "?"))
+        return SlideResult(path.name, run_key, "busy", 0, time.perf_counter() - started,
+                           f"another job (pid {holder.get('pid', '?')}) is computing this slide")
+    try:
         grid = tile_grid(slide, tiling)
         width, height = slide.dimensions
-    if force:
-        spool.remove(run_key)
-    run = RunRecord(run_key=run_key, slide_fp=slide_fp, model_key=model.key, tiling_key=tiling.key(),
-                    tiling={**asdict(tiling), **({"nuclei": True} if nuclei else {})}, slide_name=path.name,
-                    slide_path=str(path.resolve()), tile_size=grid.size_level0, width=width, height=height,
-                    mpp=mpp, device="", seconds=0.0)
-    job = SlideJob(path, mpp_override, run, grid.xy, grid.tissue)
-    job.pending = set(range(job.n_chunks)) - spool.done_chunks(run_key)
+        if force:
+            spool.remove(run_key)
+        run = RunRecord(run_key=run_key, slide_fp=slide_fp, model_key=model.key, tiling_key=tiling.key(),
+                        tiling={**asdict(tiling), **({"nuclei": True} if nuclei else {})}, slide_name=path.name,
+                        slide_path=str(path.resolve()), tile_size=grid.size_level0, width=width, height=height,
+                        mpp=slide.mpp, device="", seconds=0.0)
+        job = SlideJob(path, mpp_override, run, grid.xy, grid.tissue, lock=lock)
+        job.pending = set(range(job.n_chunks)) - spool.done_chunks(run_key)
+    except BaseException:
+        lock.release()
+        raise
     if len(job.pending) < job.n_chunks:
-        log.info("%s: resuming, %d of %d chunks already spooled", path.name, job.n_chunks - len(job.pending), job.n_chunks)
+        log.info("%s: resuming, %d of %d chunks already spooled", path.name, job.n_chunks - len(job.pending),
+                 job.n_chunks)
     return job
+
+
+def _failed(path: Path, exc: BaseException, started: float, run_key: str = "") -> SlideResult:
+    message = str(exc) or type(exc).__name__
+    log.warning("%s: skipped, it cannot be read (%s)", path.name, message)
+    return SlideResult(path.name, run_key, "failed", 0, time.perf_counter() - started, message)
+
+
+def plan_slides(open_store, spool: Spool, slides: list[tuple[str | Path, float | None]], model: LoadedModel,
+                tiling: TilingParams, *, force: bool = False, nuclei: bool = False,
+                on_open=None) -> list[SlideJob | SlideResult]:
+    """Plan many slides, holding the store only for brief lookups (see the module docstring).
+
+    ``open_store()`` returns a context manager giving the store (writable, or read-only: then new
+    fingerprints are not remembered); ``on_open(store)`` runs in the first moment (e.g. an ingest).
+    One result per slide, in order: a :class:`SlideJob` or a :class:`SlideResult` (cached, busy, failed).
+    """
+    out: list = [None] * len(slides)
+    paths = [Path(p) for p, _ in slides]
+    starts = [time.perf_counter()] * len(slides)
+    stats: dict[int, tuple[str, int, int]] = {}
+    fps: dict[int, str] = {}
+    # 1. one brief moment: the fingerprint memo
+    with open_store() as st:
+        if on_open is not None:
+            on_open(st)
+        for i, path in enumerate(paths):
+            try:
+                resolved = path.resolve()
+                info = resolved.stat()
+                stats[i] = (str(resolved), info.st_size, info.st_mtime_ns)
+                cached = st.cached_fingerprint(*stats[i])
+                if cached:
+                    fps[i] = cached
+            except Exception as exc:  # noqa: BLE001 - per slide
+                out[i] = _failed(path, exc, starts[i])
+    # 2. store closed: hash new files, read µm/px
+    new_fps: dict[int, str] = {}
+    keys: dict[int, tuple[str, float]] = {}
+    for i, path in enumerate(paths):
+        if out[i] is not None:
+            continue
+        try:
+            if i not in fps:
+                fps[i] = new_fps[i] = file_fingerprint(stats[i][0])
+            with Slide(path, mpp_override=slides[i][1]) as slide:
+                keys[i] = (run_key_for(fps[i], model.key, tiling, slide.mpp, nuclei=nuclei), slide.mpp)
+        except Exception as exc:  # noqa: BLE001 - per slide
+            out[i] = _failed(path, exc, starts[i])
+    # 3. one brief moment: remember new fingerprints, look the runs up
+    existing: dict[int, dict] = {}
+    with open_store() as st:
+        if not st.read_only:
+            for i, fp in new_fps.items():
+                st.remember_fingerprint(*stats[i], fp)
+        for i, (run_key, _) in keys.items():
+            found = None if force else st.find_run(run_key)
+            if found is not None:
+                existing[i] = found
+    # 4. store closed: tissue grids of the slides with model work
+    for i, (run_key, _) in keys.items():
+        path = paths[i]
+        if i in existing:
+            log.info("%s: cached (run %s, %d tiles), no model work", path.name, run_key, existing[i]["n_tiles"])
+            out[i] = SlideResult(path.name, run_key, "cached", int(existing[i]["n_tiles"]),
+                                 time.perf_counter() - starts[i])
+            continue
+        try:
+            with Slide(path, mpp_override=slides[i][1]) as slide:
+                out[i] = _job(spool, path, slide, fps[i], run_key, model, tiling, slides[i][1], force, nuclei,
+                              starts[i])
+        except Exception as exc:  # noqa: BLE001 - per slide
+            out[i] = _failed(path, exc, starts[i], run_key)
+    return out

@@ -39,6 +39,21 @@ from core.vocab import slug
 log = logging.getLogger(__name__)
 
 
+def _rollback(con) -> None:
+    """Undo the open transaction; a rollback that fails too (a connection DuckDB invalidated)
+    is logged, so the error that caused it is the one raised."""
+    try:
+        con.execute("ROLLBACK")
+    except Exception as exc:  # noqa: BLE001
+        log.error("rollback failed: %s", exc)
+
+
+def cohort_table_name(name: str) -> str:
+    """The clinical table of cohort ``name``: its slug (readable) plus a short hash of the exact name
+    (distinct names never share a table)."""
+    return f"clinical_{slug(name)[:40]}_{hashlib.blake2b(name.encode(), digest_size=4).hexdigest()}"
+
+
 class Store(StoreQueries):
     """A DuckDB file holding cohorts, predictions and summaries; use as a context manager."""
 
@@ -106,18 +121,33 @@ class Store(StoreQueries):
         """Make sure the model's prediction table exists; returns its ``model_key``."""
         model_key = f"{model_id}@{version}"
         table = "pred_" + hashlib.blake2b(model_key.encode(), digest_size=6).hexdigest()
+        # one column per gene, and DuckDB's column names ignore case: "CD8A" and "cd8a" would clash
+        by_lower: dict[str, list[str]] = {}
+        for g in genes:
+            by_lower.setdefault(str(g).lower(), []).append(str(g))
+        dupes = sorted(names for names in by_lower.values() if len(names) > 1)
+        if dupes:
+            shown = "; ".join(" / ".join(repr(n) for n in names) for names in dupes)
+            raise StoreError(f"Model {model_key}: gene names must be unique ignoring case (the store keeps one "
+                             f"column per gene and column names ignore case), but the panel has {shown}. "
+                             "Rename or drop the duplicates in the model card.")
         if self._one("SELECT 1 FROM models WHERE model_key=?", [model_key]):
             return model_key
         clash = sorted({g for g in genes if g.lower() in _PRED_KEYS})
         if clash:
             raise StoreError(f"Gene names {clash} collide with the prediction table's own columns {_PRED_KEYS}.")
         cols = ", ".join(f"{ident(g)} REAL" for g in genes)
-        self.con.execute("BEGIN")
-        self.con.execute(f"CREATE TABLE IF NOT EXISTS {table} "
-                         f"(run_id INTEGER, tile_idx INTEGER, x INTEGER, y INTEGER, {cols})")
-        self.con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, now())",
-                         [model_key, model_id, version, table, genes, cell_types, json.dumps(card)])
-        self.con.execute("COMMIT")
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            con.execute(f"CREATE TABLE IF NOT EXISTS {table} "
+                        f"(run_id INTEGER, tile_idx INTEGER, x INTEGER, y INTEGER, {cols})")
+            con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, now())",
+                        [model_key, model_id, version, table, genes, cell_types, json.dumps(card)])
+            con.execute("COMMIT")
+        except Exception:
+            _rollback(con)
+            raise
         return model_key
 
     def models(self) -> pd.DataFrame:
@@ -188,7 +218,7 @@ class Store(StoreQueries):
                          run.device, run.seconds])
             con.execute("COMMIT")
         except Exception:
-            con.execute("ROLLBACK")
+            _rollback(con)
             raise
         finally:
             for name in ("_tiles", "_pred", "_vec", "_summary"):
@@ -199,8 +229,14 @@ class Store(StoreQueries):
     # -- cohorts ------------------------------------------------------------------------------
     def save_cohort(self, name: str, slides: pd.DataFrame, clinical: pd.DataFrame, source: dict,
                     issues: list[dict] | None = None) -> None:
-        """Replace cohort ``name``: its slides (``SLIDE_COLUMNS``), clinical table and import issues."""
-        table = "clinical_" + slug(name)
+        """Replace cohort ``name``: its slides (``SLIDE_COLUMNS``), clinical table and import issues.
+
+        The clinical table is ``clinical_<slug>_<hash of the exact name>``, so names that slug alike
+        ("TCGA-BRCA", "tcga brca") keep tables of their own; ``cohorts.clinical_table`` records the
+        name, so cohorts of older stores (``clinical_<slug>``) keep reading theirs.
+        """
+        table = cohort_table_name(name)
+        previous = self._one("SELECT clinical_table FROM cohorts WHERE name=?", [name])
         slides = slides.reindex(columns=SLIDE_COLUMNS).assign(cohort=name)[["cohort", *SLIDE_COLUMNS]]
         issues_df = pd.DataFrame(issues or [], columns=["severity", "kind", "subject", "message"]).assign(cohort=name)
         con = self.con
@@ -215,9 +251,12 @@ class Store(StoreQueries):
             con.register("_clin", clinical)
             con.execute(f"CREATE OR REPLACE TABLE {ident(table)} AS SELECT * FROM _clin")
             con.execute("INSERT OR REPLACE INTO cohorts VALUES (?, ?, ?, now())", [name, table, json.dumps(source)])
+            if previous and previous[0] != table and not self._one(
+                    "SELECT 1 FROM cohorts WHERE clinical_table=?", [previous[0]]):
+                con.execute(f"DROP TABLE IF EXISTS {ident(previous[0])}")  # an older store's table, now unused
             con.execute("COMMIT")
         except Exception:
-            con.execute("ROLLBACK")
+            _rollback(con)
             raise
         finally:
             for view in ("_slides", "_issues", "_clin"):
@@ -238,7 +277,7 @@ class Store(StoreQueries):
                         [cohort, json.dumps(source), int(data["gene"].nunique()), int(data["patient"].nunique())])
             con.execute("COMMIT")
         except Exception:
-            con.execute("ROLLBACK")
+            _rollback(con)
             raise
         finally:
             con.unregister("_measured")
@@ -255,9 +294,13 @@ class Store(StoreQueries):
     def select_slide(self, cohort: str, patient: str, slide_path: str) -> None:
         """Make ``slide_path`` the patient's slide for patient-level analyses (one per patient)."""
         self.con.execute("BEGIN")
-        self.con.execute("UPDATE cohort_slides SET selected = (slide_path = ?) WHERE cohort=? AND patient=?",
-                         [slide_path, cohort, patient])
-        self.con.execute("COMMIT")
+        try:
+            self.con.execute("UPDATE cohort_slides SET selected = (slide_path = ?) WHERE cohort=? AND patient=?",
+                             [slide_path, cohort, patient])
+            self.con.execute("COMMIT")
+        except Exception:
+            _rollback(self.con)
+            raise
 
     def cohort_issues(self, cohort: str) -> pd.DataFrame:
         return self.con.execute("SELECT severity, kind, subject, message FROM cohort_issues WHERE cohort=?",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import MissingMppError, SlideOpenError
-from core.vocab import PLAIN_IMAGE_SUFFIXES
+from core.errors import ImplausibleMppError, MissingMppError, SlideOpenError
+from core.vocab import MPP_MAX, MPP_MIN, PLAIN_IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,25 @@ def mpp_from_properties(props: dict) -> tuple[float | None, str]:
     except (KeyError, TypeError, ValueError):
         pass
     return None, "unknown"
+
+
+def mpp_plausible(mpp: float | None) -> bool:
+    """True when ``mpp`` is a finite µm/px within ``MPP_MIN``–``MPP_MAX``."""
+    try:
+        return mpp is not None and MPP_MIN <= float(mpp) <= MPP_MAX
+    except (TypeError, ValueError):
+        return False
+
+
+def implausible_mpp_message(name: str, mpp: float, source: str) -> str:
+    """The message for a µm/px outside the plausible range (as shown to the user)."""
+    hint = ""
+    dpi = 25400 / mpp if np.isfinite(mpp) and mpp > 0 else 0.0
+    if dpi and mpp > MPP_MAX and abs(dpi - round(dpi)) < 1e-3:  # e.g. 72 or 96 dpi: an image editor's default
+        hint = f" ({dpi:.0f} px per inch: a screen or print resolution, not the scanner's)"
+    return (f"{name}: the pixel size found ({source}) is {mpp:.4g} µm/px{hint}, outside the plausible range "
+            f"{MPP_MIN:g}–{MPP_MAX:g} µm/px (typical: 0.25 at 40×, 0.5 at 20×). Set the right µm/px with an "
+            "--mpp override file (CSV 'slide,mpp') or on the Slide page.")
 
 
 def _open_plain_image(path: Path):
@@ -162,7 +181,9 @@ class Slide:
         return mpp_from_properties(dict(self.osr.properties))
 
     def _mpp_or_none(self) -> float | None:
-        return self._mpp_override or self._meta_mpp[0]
+        """µm/px when known and plausible (override first), else None."""
+        mpp = self._mpp_override or self._meta_mpp[0]
+        return mpp if mpp_plausible(mpp) else None
 
     @property
     def mpp_source(self) -> str:
@@ -170,6 +191,11 @@ class Slide:
 
     @property
     def mpp(self) -> float:
+        """Level-0 µm/px; raises :class:`ImplausibleMppError` (a :class:`MissingMppError`) when the
+        value found is outside ``MPP_MIN``–``MPP_MAX``, so nothing tiles a slide at e.g. 352 µm/px."""
+        found = self._mpp_override or self._meta_mpp[0]
+        if found is not None and not mpp_plausible(found):
+            raise ImplausibleMppError(implausible_mpp_message(self.path.name, float(found), self.mpp_source))
         mpp = self._mpp_or_none()
         if mpp is None:
             raise MissingMppError(

@@ -1,4 +1,6 @@
 """The Import page: a real folder of mixed slides + the real TCGA-CDR table, through the UI."""
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,8 @@ from streamlit.testing.v1 import AppTest
 from tests.unit.test_importer import FROZEN_SAME_PATIENT, cohort_dir  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
+# the folders the tests' servers may read: pytest's temporary folders and the shared real data
+TEST_ROOTS = os.pathsep.join([tempfile.gettempdir(), str(ROOT.parent / "shared")])
 
 
 def slides_table(at):
@@ -19,6 +23,7 @@ def app(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_DEMO_DIR", str(tmp_path / "nodemo"))
     monkeypatch.setenv("TESSERA_STORE", str(tmp_path / "store.duckdb"))
     monkeypatch.setenv("TESSERA_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TESSERA_DATA_ROOTS", TEST_ROOTS)
     monkeypatch.chdir(ROOT)
     st.cache_data.clear()
     st.cache_resource.clear()
@@ -56,13 +61,36 @@ def test_import_through_the_ui(app, cohort_dir, shared_data):  # noqa: F811
     assert table.loc[FROZEN_SAME_PATIENT, "status"] == "ok"
 
 
-def test_bad_folder_is_a_clear_message(app, shared_data):
+def test_bad_folder_is_a_clear_message(app, shared_data, tmp_path):
     at = app
-    at.text_input(key="imp_slides").input("/nonexistent/folder")
+    at.text_input(key="imp_slides").input(str(tmp_path / "nonexistent"))
     at.text_input(key="imp_clin").input(str(shared_data / "clinical" / "TCGA-CDR_BRCA.csv"))
     at.button(key="imp_go").click().run()
     assert not at.exception
-    assert any("not found" in e.value for e in at.error)
+    assert any("No such slides folder" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("typed", ["/", "/etc", "../../etc/passwd", "/etc/passwd", "~/.ssh/id_rsa", "link"])
+def test_paths_outside_the_data_roots_are_refused(app, tmp_path, typed):
+    """The browser is untrusted: nothing outside the data roots is walked, listed or read, and the
+    refusal echoes nothing about the file (not even whether it exists)."""
+    import duckdb
+
+    at = app
+    if typed == "link":   # a symlink inside the roots that points outside them
+        (tmp_path / "link").symlink_to("/etc")
+        typed = str(tmp_path / "link")
+    at.text_input(key="imp_name").input("probe")
+    at.text_input(key="imp_slides").input(typed)
+    at.text_input(key="imp_clin").input("/etc/passwd")
+    at.button(key="imp_go").click().run()
+    assert not at.exception
+    errors = " ".join(e.value for e in at.error)
+    assert "reads only inside its data folders" in errors and "root:" not in errors
+    store = tmp_path / "store.duckdb"
+    if store.exists():
+        with duckdb.connect(str(store), read_only=True) as con:
+            assert con.execute("SELECT count(*) FROM cohorts").fetchone()[0] == 0
 
 
 def test_slide_page_previews_mask_and_grid_of_a_real_svs(app, cohort_dir, shared_data):  # noqa: F811

@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 from tests.app.test_pages import assert_clean
 
 ROOT = Path(__file__).resolve().parents[2]
+from tests.app.test_import_page import TEST_ROOTS  # noqa: E402
 
 
 @pytest.fixture
@@ -21,6 +22,7 @@ def store_copy(demo_env, tmp_path, monkeypatch):
     shutil.copy(settings.store_path, path)
     monkeypatch.setenv("TESSERA_DEMO_DIR", str(settings.demo_dir))
     monkeypatch.setenv("TESSERA_STORE", str(path))
+    monkeypatch.setenv("TESSERA_DATA_ROOTS", TEST_ROOTS)
     monkeypatch.chdir(ROOT)
     st.cache_data.clear()
     st.cache_resource.clear()

@@ -9,10 +9,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-BASE = {"core.config", "core.errors", "core.vocab"}   # importable from every layer; they import no project code
+BASE = {"core.config", "core.errors", "core.vocab", "core.safety"}   # importable from every layer; they import no project code
 # What each part of core/ may import besides itself (and the standard library / third-party packages).
 ALLOWED = {
-    "core.config": set(), "core.errors": set(), "core.vocab": set(),
+    "core.config": set(), "core.errors": set(), "core.vocab": set(), "core.safety": {"core.errors"},
     "core.wsi": BASE,
     "core.store": BASE,
     "core.cohort": BASE | {"core.wsi", "core.store"},
