@@ -279,13 +279,14 @@ class Spool:
     def complete_runs(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.parent.name for p in self.root.glob(f"*/{_MARKER}"))
+        return sorted(p.parent.name for p in self.root.glob(f"*/{_MARKER}") if not p.parent.name.startswith("."))
 
     def pending_runs(self) -> list[str]:
         """Runs with chunks but no marker (a job running, or interrupted and not yet resumed)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not (p / _MARKER).exists())
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and not (p / _MARKER).exists())
 
     def read_run(self, run_key: str) -> tuple[dict, dict[str, np.ndarray]]:
         """The run record and its tiles' arrays, ordered by tile index. A damaged or incomplete
@@ -328,7 +329,21 @@ class Spool:
             return str(self.lock_holder(run_key).get("slide", ""))
 
     def remove(self, run_key: str) -> None:
-        shutil.rmtree(self._run_dir(run_key), ignore_errors=True)
+        """Take a stored run out of the spool atomically: the folder is first renamed to a hidden
+        tombstone (one rename: a crash leaves either the whole run or none of it in the spool),
+        then deleted; tombstones a crash left behind are deleted by the next removal."""
+        run_dir = self._run_dir(run_key)
+        if not run_dir.exists():
+            return
+        tomb = self.root / f".removing-{run_key}-{os.getpid()}"
+        try:
+            os.replace(run_dir, tomb)
+        except OSError:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return
+        shutil.rmtree(tomb, ignore_errors=True)
+        for left in self.root.glob(".removing-*"):
+            shutil.rmtree(left, ignore_errors=True)
 
     # -- failed ingests and the quarantine ------------------------------------------------------
     def record_failure(self, run_key: str, reason: str) -> int:

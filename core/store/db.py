@@ -80,8 +80,12 @@ class Store(StoreQueries):
                 self.con = duckdb.connect(str(self.path), read_only=read_only, config={
                     "memory_limit": memory_limit or os.environ.get("TESSERA_DB_MEMORY", "40%")})
                 break
-            except duckdb.IOException as exc:
-                busy = "lock" in str(exc).lower()
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
+                # another process holds the file lock (IOException), or this process has the file open
+                # with the other access mode (ConnectionException: "different configuration"), as
+                # when one Streamlit session writes while another reads: both pass in a moment
+                text = str(exc).lower()
+                busy = "lock" in text or "different configuration" in text
                 if busy and time.monotonic() < deadline:
                     time.sleep(0.1)
                     continue

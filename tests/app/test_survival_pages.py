@@ -52,12 +52,12 @@ def test_km_every_control(app_env):  # noqa: F811
     assert_clean(at)
     assert frame_with(at, "HR vs reference").set_index("group").loc["Stage II", "HR vs reference"] == 1.0
     at.text_input(key="sv_km_ref").input("Stage IX").run()           # a typo: a clear message, not a traceback
-    assert any("Stage IX" in e.value for e in at.error)
+    assert any("Stage IX" in e.value.replace("\\", "") for e in at.error)
     at.text_input(key="sv_km_ref").input("").run()
     at.selectbox(key="sv_km_kind").select("Signature").run()
     at.selectbox(key="sv_km_sig").select("custom…").run()
     at.text_input(key="sv_km_sig_genes").input("CD8A, NOTAGENE").run()
-    assert any("NOTAGENE" in e.value for e in at.error)
+    assert any("NOTAGENE" in e.value.replace("\\", "") for e in at.error)
     at.text_input(key="sv_km_sig_genes").input("CD8A, GZMB").run()
     at.selectbox(key="sv_km_kind").select("Measured gene").run()
     assert_clean(at)
@@ -141,7 +141,8 @@ def test_clinical_only_cohort_with_r_coding(empty_app):
     at.text_input(key="imp_clin").input(str(path))
     at.button(key="imp_go").click().run()
     assert_clean(at)
-    assert any("1/2 coding read as 2 = event, 1 = censored" in i.value and "9 events" in i.value for i in at.info)
+    shown = [i.value.replace("\\", "") for i in at.info]     # messages are Markdown-escaped on the page
+    assert any("1/2 coding read as 2 = event, 1 = censored" in m and "9 events" in m for m in shown), shown
     at.switch_page("pages/survival.py")
     at.run()
     assert_clean(at)
@@ -157,7 +158,7 @@ def test_clinical_only_cohort_with_r_coding(empty_app):
     at.text_input(key="meas_path").input(str(empty_app / "bulk.csv"))
     at.button(key="meas_go").click().run()
     assert_clean(at)
-    assert any("3 genes × 91 patients" in s.value for s in at.success)
+    assert any("3 genes × 91 patients" in s.value.replace("\\", "") for s in at.success)
     at.switch_page("pages/survival.py")
     at.run()
     at.selectbox(key="sv_km_kind").select("Measured gene").run()
@@ -172,4 +173,4 @@ def test_clinical_only_cohort_with_r_coding(empty_app):
     at.text_input(key="imp_clin").input(str(path))
     at.selectbox(key="imp_coding").select("0/1").run()
     at.button(key="imp_go").click().run()
-    assert any("as chosen" in i.value for i in at.info)
+    assert any("as chosen" in i.value.replace("\\", "") for i in at.info)
