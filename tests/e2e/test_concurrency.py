@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from tests.unit.test_store_layout import V3_DDL
 from pathlib import Path
 
 import duckdb
@@ -228,21 +229,7 @@ def _make_v3(path: Path) -> None:
     """A store as Tessera v3 wrote it (run_key on every per-tile table, no run ids), big enough that
     the upgrade takes a while, with an orphan tile row of a run that never completed."""
     con = duckdb.connect(str(path))
-    con.execute("""
-        CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
-        INSERT INTO meta VALUES ('schema_version', '3');
-        CREATE TABLE models (model_key VARCHAR PRIMARY KEY, model_id VARCHAR, version VARCHAR, pred_table VARCHAR,
-            genes VARCHAR[], cell_types VARCHAR[], card JSON, registered_at TIMESTAMP);
-        CREATE TABLE runs (run_key VARCHAR PRIMARY KEY, slide_fp VARCHAR, model_key VARCHAR, tiling_key VARCHAR,
-            tiling JSON, slide_name VARCHAR, slide_path VARCHAR, n_tiles INTEGER, tile_size INTEGER,
-            width INTEGER, height INTEGER, mpp DOUBLE, device VARCHAR, seconds DOUBLE, finished_at TIMESTAMP);
-        CREATE TABLE tiles (run_key VARCHAR, tile_idx INTEGER, x INTEGER, y INTEGER, tissue REAL);
-        CREATE TABLE tile_vectors (run_key VARCHAR, tile_idx INTEGER, embedding FLOAT[], composition FLOAT[]);
-        CREATE TABLE slide_summary (run_key VARCHAR, gene VARCHAR, mean REAL, median REAL, q90 REAL, morans_i REAL);
-        CREATE TABLE pred_old (run_key VARCHAR, tile_idx INTEGER, "ERBB2" REAL, "CD8A" REAL, "MKI67" REAL);
-        INSERT INTO models VALUES ('sim@v1', 'sim', 'v1', 'pred_old', ['ERBB2','CD8A','MKI67'], ['tumour','t_cell'],
-                                   '{}', now());
-    """)
+    con.execute(V3_DDL)
     for i in range(V3_RUNS):
         key = f"{(i * 7919) % 65536:04x}"                         # insertion order is not key order
         n = V3_TILES + i

@@ -69,10 +69,7 @@ def test_gene_named_like_a_key_column_is_refused(tmp_path):
         store.register_model("odd", "v1", ["X", "CD8A"], TYPES, {})
 
 
-def _make_v3(path, n_runs=3, n=20):
-    """A store as Tessera v3 wrote it (random-hash run keys, no run ids), plus an orphan tile row."""
-    con = duckdb.connect(str(path))
-    con.execute("""
+V3_DDL = """
         CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
         INSERT INTO meta VALUES ('schema_version', '3');
         CREATE TABLE models (model_key VARCHAR PRIMARY KEY, model_id VARCHAR, version VARCHAR, pred_table VARCHAR,
@@ -86,7 +83,13 @@ def _make_v3(path, n_runs=3, n=20):
         CREATE TABLE pred_old (run_key VARCHAR, tile_idx INTEGER, "ERBB2" REAL, "CD8A" REAL, "MKI67" REAL);
         INSERT INTO models VALUES ('sim@v1', 'sim', 'v1', 'pred_old', ['ERBB2','CD8A','MKI67'], ['tumour','t_cell'],
                                    '{}', now());
-    """)
+    """
+
+
+def _make_v3(path, n_runs=3, n=20):
+    """A store as Tessera v3 wrote it (random-hash run keys, no run ids), plus an orphan tile row."""
+    con = duckdb.connect(str(path))
+    con.execute(V3_DDL)
     expected = {}
     keys = ["f3a1", "0b7c", "9e22"][:n_runs]            # insertion order is not key order
     for i, key in enumerate(keys):
