@@ -174,3 +174,40 @@ def test_clinical_only_cohort_with_r_coding(empty_app):
     at.selectbox(key="imp_coding").select("0/1").run()
     at.button(key="imp_go").click().run()
     assert any("as chosen" in i.value.replace("\\", "") for i in at.info)
+
+
+def test_real_tcga_cdr_with_real_bulk_as_measured(empty_app, shared_data):
+    """The real TCGA-CDR BRCA table (clinical only) with the real TCGA-BRCA bulk mRNA (keyed by the
+    barcode's last 4 characters): KM, the measured Cox screen, a multivariable model and an
+    association, all on the pages."""
+    import os
+
+    from core.cohort.importer import import_cohort, import_measured
+    from core.store.db import Store
+
+    bulk = pd.concat([pd.read_csv(shared_data / "bulk" / f) for f in ("train_mrna.csv", "test_mrna.csv")])
+    bulk.to_csv(empty_app / "bulk.csv", index=False)
+    with Store(os.environ["TESSERA_STORE"]) as store:
+        import_cohort(store, "tcga-brca", None, shared_data / "clinical" / "TCGA-CDR_BRCA.csv")
+        result = import_measured(store, "tcga-brca", empty_app / "bulk.csv")
+    assert result.matrix.shape == (220, 200) and result.key == "suffix4"
+    st.cache_data.clear()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/survival.py")
+    at.run()
+    at.selectbox(key="sv_km_kind").select("Measured gene").run()
+    assert_clean(at)
+    assert int(metric(at, "Patients (events)").split()[0]) == 219          # 220 with bulk, 1 without OS.time
+    screen = frame_with(at, "q")
+    assert len(screen) == 200 and set(screen["source"]) == {"measured"}
+    at.selectbox(key="sv_mv_kind").select("Measured gene").run()
+    at.multiselect(key="sv_mv_covs").set_value(["age", "stage"]).run()
+    assert_clean(at)
+    assert {"biomarker", "age", "stage"} <= set(frame_with(at, "covariate")["covariate"]), [e.value for e in at.error]
+    at.switch_page("pages/associations.py")
+    at.run()
+    at.selectbox(key="as_by_kind").select("Measured gene").run()
+    at.selectbox(key="as_with_clin").select("histological_type").run()
+    assert_clean(at)
+    assert any("Kruskal" in m.label for m in at.metric)
