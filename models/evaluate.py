@@ -5,13 +5,18 @@ import numpy as np
 
 
 def per_gene_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Pearson r per gene over spots; NaN where either side is constant."""
+    """Pearson r per gene over spots.
+
+    A constant prediction of a gene whose measured values vary scores r = 0 (it predicts nothing;
+    dropping it would flatter the method). A gene whose measured values are constant cannot be
+    scored: NaN, left out of the means."""
     p = pred - pred.mean(axis=0)
     t = true - true.mean(axis=0)
     denom = np.sqrt((p ** 2).sum(axis=0) * (t ** 2).sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (p * t).sum(axis=0) / denom
-    return np.where(denom > 0, r, np.nan)
+    varies_pred, varies_true = np.ptp(pred, axis=0) > 0, np.ptp(true, axis=0) > 0   # exact, unlike a sum of squares
+    return np.where(varies_true, np.where(varies_pred, r, 0.0), np.nan)
 
 
 def summarize(pred: np.ndarray, true: np.ndarray, genes: list[str], *, top_k: int = 50) -> dict:
