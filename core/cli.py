@@ -205,8 +205,11 @@ def _write_json(path: Path, payload: dict) -> None:
     if str(path) == "-":
         print(text)
     else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        except OSError as exc:
+            raise TesseraError(f"Cannot write {path}: {exc.strerror or exc}. Give a path in a writable folder.") from exc
         print(f"written {path}", file=sys.stderr)
 
 

@@ -105,7 +105,10 @@ def cmd_cox(args) -> int:
     from core.analysis.cohort_stats import cox_multivariable
 
     covariates = [c.strip() for c in (args.covariates or "").split(",") if c.strip()]
-    refs = dict(r.split("=", 1) for r in (args.reference or [])) if args.reference else None
+    bad = [r for r in (args.reference or []) if "=" not in r]
+    if bad:
+        raise TesseraError(f"--reference takes COVARIATE=LEVEL (e.g. stage='Stage I'); got {', '.join(bad)}.")
+    refs = dict(r.split("=", 1) for r in args.reference) if args.reference else None
     with _open(args) as store:
         res = cox_multivariable(store, args.cohort, args.endpoint, args.by, covariates,
                                 model_key=_model_key(store, args), stat=args.stat, penalizer=args.penalizer,

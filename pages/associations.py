@@ -9,11 +9,9 @@ import streamlit as st
 from core.analysis import cohort_stats as cs
 from core.analysis.biomarkers import STATS
 from core.analysis.report import table_bytes, to_jsonable
+from core.safety import safe_filename
 from pages import _ui
 
-
-def _safe(spec: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in spec)[:60]
 
 
 def _values(cohort, model, stat, spec):
@@ -44,7 +42,7 @@ def one_section(cohort, model, stat):
     else:
         fig, static = scatter_figure(x, y, res), (lambda fmt: scatter_static(x, y, res, fmt=fmt))
     st.plotly_chart(fig, width="stretch", key="as_fig")
-    _ui.downloads("Export", f"tessera_{cohort}_{_safe(spec)}_vs_{_safe(other)}", {
+    _ui.downloads("Export", f"tessera_{cohort}_{safe_filename(spec)}_vs_{safe_filename(other)}", {
         "png": lambda: static("png"), "svg": lambda: static("svg"),
         "json": lambda: json.dumps(to_jsonable(res), indent=1, allow_nan=False).encode()}, key="as_one_dl")
 
@@ -63,7 +61,7 @@ def screen_section(cohort, model, stat):
     st.dataframe(table, hide_index=True, width="stretch", key="as_scr_table",
                  column_config={c: st.column_config.NumberColumn(format="%.3g")
                                 for c in ("statistic", "effect", "p", "q")})
-    _ui.downloads("Export", f"tessera_{cohort}_screen_vs_{_safe(other)}", {
+    _ui.downloads("Export", f"tessera_{cohort}_screen_vs_{safe_filename(other)}", {
         "csv": lambda: table_bytes(table, "csv"), "xlsx": lambda: table_bytes(table, "xlsx")}, key="as_scr_dl")
 
 

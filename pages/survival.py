@@ -8,6 +8,7 @@ import streamlit as st
 from core.analysis import cohort_stats as cs
 from core.analysis.biomarkers import STATS
 from core.analysis.report import table_bytes, to_jsonable
+from core.safety import safe_filename
 from core.vocab import ENDPOINTS
 from pages import _ui
 
@@ -47,7 +48,7 @@ def km_section(cohort, model, endpoint, stat, unit, horizon, spec, key, *, split
                      "p": g.get("hr_p")})
     table = pd.DataFrame(rows)
     st.dataframe(table, hide_index=True, width="stretch", key=f"{key}_groups")
-    base = f"tessera_{cohort}_{endpoint}_km_{_safe(spec)}"
+    base = f"tessera_{cohort}_{endpoint}_km_{safe_filename(spec)}"
     _ui.downloads("Export", base, {
         "png": lambda: km_static(res, fmt="png"), "svg": lambda: km_static(res, fmt="svg"),
         "csv": lambda: table_bytes(table, "csv"),
@@ -60,9 +61,6 @@ def _ci(ci) -> str:
         return "—"
     return f"{ci[0]:.3g}–{ci[1]:.3g}"
 
-
-def _safe(spec: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in spec)[:60]
 
 
 def screen_section(cohort, model, endpoint, stat, unit, horizon):
@@ -130,7 +128,7 @@ def multivariable_section(cohort, model, endpoint, stat):
     st.caption(" ".join(res.notes) + (f" Reference levels — {refs}." if refs else ""))
     with st.expander("Proportional-hazards check (R cox.zph, KM transform)"):
         st.dataframe(res.ph_test, hide_index=True, key="sv_mv_ph")
-    _ui.downloads("Export", f"tessera_{cohort}_{endpoint}_cox_{_safe(spec)}", {
+    _ui.downloads("Export", f"tessera_{cohort}_{endpoint}_cox_{safe_filename(spec)}", {
         "csv": lambda: table_bytes(res.terms, "csv"),
         "json": lambda: json.dumps(to_jsonable(res), indent=1, allow_nan=False).encode()}, key="sv_mv_dl")
 

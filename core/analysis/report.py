@@ -72,6 +72,10 @@ def write_table(df: pd.DataFrame, path) -> str:
 
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(table_bytes(df, fmt))
+    data = table_bytes(df, fmt)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as exc:
+        raise AnalysisError(f"Cannot write {path}: {exc.strerror or exc}. Give a path in a writable folder.") from exc
     return fmt
