@@ -269,7 +269,7 @@ def cmd_loso(args) -> int:
     profiles, types = reference_profiles(reference, genes)
     shares = reference.obs["cell_type"].astype(str).value_counts(normalize=True).to_dict()
     prepared = prepare(sections, genes, encoder=args.encoder, tile_um=args.tile_um, mpp=args.mpp,
-                       cache_dir=args.cache)
+                       cache_dir=args.cache, encoder_weights=args.encoder_weights)
     report = run_loso(prepared, profiles.to_numpy(), genes, reference_types=types, type_shares=shares,
                       epochs=args.epochs, cnn_epochs=args.cnn_epochs, seed=args.seed, encoder=args.encoder,
                       methods=args.methods)
@@ -295,7 +295,7 @@ def cmd_train_st(args) -> int:
     genes = panel_genes(sections, args.panel)
     profiles, types = reference_profiles(read_reference(args.reference, args.types), genes)
     prepared = prepare(sections, genes, encoder=args.encoder, tile_um=args.tile_um, mpp=args.mpp,
-                       cache_dir=args.cache)
+                       cache_dir=args.cache, encoder_weights=args.encoder_weights)
     head = fusion_fit(prepared, profiles.to_numpy(), epochs=args.epochs, seed=args.seed)
     loso = json.loads(args.loso.read_text()) if args.loso else {}
     card = ModelCard(
@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--types", type=Path, default=None)
     lo.add_argument("--panel", type=Path, default=None, help="gene list file (default: all shared genes)")
     lo.add_argument("--encoder", default="efficientnet_lite0")
+    lo.add_argument("--encoder-weights", type=Path, default=None, help="local weights of the encoder (foundation models)")
     lo.add_argument("--tile-um", type=float, default=112.0)
     lo.add_argument("--mpp", type=float, default=0.5)
     lo.add_argument("--epochs", type=int, default=30, help="fusion-model epochs (fixed, never tuned on the test section)")
@@ -380,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts = sub.add_parser("train-st", help="train a release fusion model on every ST section of a folder")
     for flag, kw in [("--st", dict(type=Path, required=True)), ("--reference", dict(type=Path, required=True)),
                      ("--types", dict(type=Path, default=None)), ("--panel", dict(type=Path, default=None)),
-                     ("--encoder", dict(default="efficientnet_lite0")), ("--tile-um", dict(type=float, default=112.0)),
+                     ("--encoder", dict(default="efficientnet_lite0")),
+                     ("--encoder-weights", dict(type=Path, default=None, help="local weights of the encoder")),
+                     ("--tile-um", dict(type=float, default=112.0)),
                      ("--mpp", dict(type=float, default=0.5)), ("--epochs", dict(type=int, default=30)),
                      ("--seed", dict(type=int, default=0)), ("--cache", dict(type=Path, default=Path("data/cache/features"))),
                      ("--model-id", dict(required=True)), ("--out", dict(type=Path, required=True)),

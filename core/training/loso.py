@@ -49,7 +49,7 @@ class Prepared:
 
 
 def prepare(sections, genes: list[str], *, encoder: str, tile_um: float, mpp: float, cache_dir: Path,
-            batch_size: int = 32, workers: int = 2) -> list[Prepared]:
+            batch_size: int = 32, workers: int = 2, encoder_weights: str | Path | None = None) -> list[Prepared]:
     """Features, nuclei counts and small patches of every spot (cached per section/encoder/tiling)."""
     import torch
 
@@ -58,7 +58,7 @@ def prepare(sections, genes: list[str], *, encoder: str, tile_um: float, mpp: fl
     from models.encoders import create_encoder
     from models.scist import TesseraModel
 
-    spec = create_encoder(encoder)
+    spec = create_encoder(encoder, weights_path=encoder_weights)
     wrapper = TesseraModel(spec, torch.nn.Identity()).eval()  # only for its preprocessing
     out = []
     for section in sections:
