@@ -46,6 +46,7 @@ bench: setup
 	$(PY) -m benchmarks.layout_bench
 	$(PY) -m benchmarks.survival_bench
 	$(PY) -m benchmarks.load_bench
+	$(PY) -m benchmarks.foundation_bench
 
 clean-demo:
 	rm -rf data/demo

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from core.config import load_settings
@@ -100,7 +101,8 @@ def _predict(args, progress, stop) -> tuple[int, str]:
     from core.engine.predict import predict_cohort
 
     settings = load_settings(store_path=args.store, device=args.device)
-    model = load_model(args.model or settings.default_model, settings.model_dirs)
+    model = load_model(args.model or settings.default_model, settings.model_dirs,
+                       encoder_weights=getattr(args, "encoder_weights", None))
     if not settings.store_path.exists():
         raise TesseraError(f"No store at {settings.store_path}. Import a cohort first (python -m core.cli import).")
     with StoreAccess(settings.store_path).open(5.0, or_read_only=True) as store:  # brief: never held long
@@ -248,7 +250,7 @@ def cmd_evaluate(args) -> int:
 
     settings = load_settings()
     dirs = (args.model_dir, *settings.model_dirs) if args.model_dir else settings.model_dirs
-    report = evaluate(load_model(args.model, dirs), args.st)
+    report = evaluate(load_model(args.model, dirs, encoder_weights=args.encoder_weights), args.st)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     for name, sec in report["sections"].items():
@@ -259,25 +261,59 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_loso(args) -> int:
-    from core.training.loso import format_table, prepare, run_loso, write_report
-    from core.training.stdata import find_sections, panel_genes
+    """The held-out table: per-patient and per-section folds, seeds, CIs, paired tests (one command)."""
+    from core.training.loso import (attach_views, format_table, parse_groups, prepare, run_loso, views_needed,
+                                    with_targets, write_report, DEFAULT_METHODS)
+    from core.training.stdata import find_sections, panel_genes, read_gene_list
     from core.training.reference import read_reference, reference_profiles
 
+    started = time.perf_counter()
+    try:
+        groups = parse_groups(args.groups)
+    except ValueError as exc:
+        raise TesseraError(str(exc)) from None
     sections = find_sections(args.st)
+    if not sections:
+        raise TesseraError(f"No spatial-transcriptomics section found under {args.st}.")
     genes = panel_genes(sections, args.panel)
     reference = read_reference(args.reference, args.types)
     profiles, types = reference_profiles(reference, genes)
     shares = reference.obs["cell_type"].astype(str).value_counts(normalize=True).to_dict()
+    gene_sets = {}
+    for item in args.gene_set or []:
+        name, _, path = item.partition("=")
+        if not path:
+            raise TesseraError(f"--gene-set {item!r}: expected NAME=FILE")
+        gene_sets[name] = read_gene_list(path)
+    methods = args.methods or DEFAULT_METHODS
     prepared = prepare(sections, genes, encoder=args.encoder, tile_um=args.tile_um, mpp=args.mpp,
-                       cache_dir=args.cache, encoder_weights=args.encoder_weights)
+                       cache_dir=args.cache, encoder_weights=args.encoder_weights, groups=groups)
+    attach_views(prepared, sections, views_needed(methods), tile_um=args.tile_um, cache_dir=args.cache)
+    common = dict(epochs=args.epochs, cnn_epochs=args.cnn_epochs, seed=args.seed, n_seeds=args.seeds,
+                  encoder=args.encoder, schemes=args.schemes, n_boot=args.boot,
+                  scheme_methods={"section": args.section_methods} if args.section_methods else None,
+                  scheme_seeds={"section": args.section_seeds} if args.section_seeds else None)
     report = run_loso(prepared, profiles.to_numpy(), genes, reference_types=types, type_shares=shares,
-                      epochs=args.epochs, cnn_epochs=args.cnn_epochs, seed=args.seed, encoder=args.encoder,
-                      methods=args.methods)
+                      methods=methods, gene_sets=gene_sets, **common)
+    report["protocols"] = {}
+    for item in args.protocol or []:
+        name, _, path = item.partition("=")
+        if not path:
+            raise TesseraError(f"--protocol {item!r}: expected NAME=GENE_FILE")
+        pgenes = panel_genes(sections, path)
+        sub = run_loso(with_targets(prepared, sections, pgenes), None, pgenes,
+                       methods=[m for m in methods if m.startswith("ridge") and m != "ridge_prior"], **common)
+        sub.pop("genes")
+        report["protocols"][name] = {"gene_file": str(path), "n_genes": len(pgenes), **sub}
     report["setup"] = {"sections": [s.name for s in sections], "n_genes": len(genes), "encoder": args.encoder,
                        "tile_um": args.tile_um, "mpp": args.mpp, "epochs": args.epochs, "reference_types": types,
-                       "mpp_sources": {s.name: f"{s.mpp:.4f} ({s.mpp_source})" for s in sections}}
+                       "mpp_sources": {s.name: f"{s.mpp:.4f} ({s.mpp_source})" for s in sections},
+                       "wall_s": round(time.perf_counter() - started, 1)}
     write_report(report, args.out)
     print(format_table(report))
+    for name, sub in report["protocols"].items():
+        print(f"\n{name} ({sub['n_genes']} genes, reference-free methods):\n" + format_table(sub))
+    print(f"\nwritten {args.out} in {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -294,24 +330,97 @@ def cmd_train_st(args) -> int:
     sections = find_sections(args.st)
     genes = panel_genes(sections, args.panel)
     profiles, types = reference_profiles(read_reference(args.reference, args.types), genes)
-    prepared = prepare(sections, genes, encoder=args.encoder, tile_um=args.tile_um, mpp=args.mpp,
-                       cache_dir=args.cache, encoder_weights=args.encoder_weights)
+    encoder, encoder_weights = args.encoder, args.encoder_weights
+    if encoder.startswith("vit:"):  # vit:<path> is the generic ViT with its weights named inline
+        encoder, encoder_weights = "vit", encoder_weights or Path(encoder.split(":", 1)[1])
+    weights = _encoder_weights_record(encoder, encoder_weights)
+    # features cached per weights file too: other weights under the same encoder name never reuse them
+    cache = args.cache / f"weights-{weights['sha256'][:12]}" if weights else args.cache
+    prepared = prepare(sections, genes, encoder=encoder, tile_um=args.tile_um, mpp=args.mpp,
+                       cache_dir=cache, encoder_weights=encoder_weights)
     head = fusion_fit(prepared, profiles.to_numpy(), epochs=args.epochs, seed=args.seed)
-    loso = json.loads(args.loso.read_text()) if args.loso else {}
+    probe = None
+    if args.head == "probe":
+        head, probe = _with_probe(head, prepared)
+    loso = _card_loso(args.loso, args.shipped_row) if args.loso else {}
     card = ModelCard(
-        model_id=args.model_id, genes=genes, cell_types=types, encoder=args.encoder, tile_um=args.tile_um,
+        model_id=args.model_id, genes=genes, cell_types=types, encoder=encoder, tile_um=args.tile_um,
         mpp=args.mpp, input_px=int(round(args.tile_um / args.mpp)),
         training_data={"sections": [s.name for s in sections], "spots": int(sum(len(p.y) for p in prepared)),
                        "st_dir": str(args.st), "reference": args.reference.name, "epochs": args.epochs,
-                       "seed": args.seed, "mpp_sources": {s.name: f"{s.mpp:.4f} ({s.mpp_source})" for s in sections}},
-        metrics={"loso": loso.get("table", {}), "loso_folds": loso.get("folds", {}),
+                       "seed": args.seed, "mpp_sources": {s.name: f"{s.mpp:.4f} ({s.mpp_source})" for s in sections},
+                       **({"encoder_weights": weights} if weights else {})},
+        metrics={**loso, **({"probe": probe} if probe else {}),
                  "train_seconds": round(time.perf_counter() - started, 1)},
-        description="SciSt-style fusion: learned composition over the reference types × reference profiles "
-                    "as a query token, two-way attention over EfficientNet-Lite0 feature-map tokens, residual "
-                    "MLP to the panel (log1p CP10k over the panel).")
+        description=(f"Expression from a linear probe (standardise → PCA-256 → ridge, α {probe['alpha']:g} by inner "
+                     f"leave-one-section-out, collapsed into one matrix) on pooled {_ENCODER_NAMES.get(encoder, encoder)} "
+                     "features; composition over the reference types, reference prior and embedding from a SciSt-style "
+                     "fusion head trained alongside (log1p CP10k over the panel)." if probe else
+                     "SciSt-style fusion: learned composition over the reference types × reference profiles "
+                     f"as a query token, two-way attention over {_ENCODER_NAMES.get(encoder, encoder)} "
+                     "feature-map tokens, residual MLP to the panel (log1p CP10k over the panel)."))
     card = save_checkpoint(args.out, head, card)
     print(f"saved {args.out} (version {card.version}) in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _with_probe(head, prepared):
+    """The fusion head with its expression replaced by the release linear probe (see
+    :class:`models.fusion.ProbeFusionHead`); returns (head, what the card records)."""
+    import torch
+
+    from core.training.loso import probe_fit
+    from models.fusion import ProbeFusionHead
+
+    w, b, info = probe_fit(prepared)
+    probe = ProbeFusionHead(head.config, head.profiles.clone())
+    missing, unexpected = probe.load_state_dict(head.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("probe.") for k in missing)
+    with torch.no_grad():
+        probe.probe.weight.copy_(torch.from_numpy(w.T))
+        probe.probe.bias.copy_(torch.from_numpy(b))
+    return probe.eval(), {"alpha": info["alpha"], "inner": info["inner"], "inner_scores": info["inner_scores"],
+                          "n_pca": 256}
+
+
+def _card_loso(path: Path, shipped_row: str | None) -> dict:
+    """What a card carries of a loso report: every scheme's table, the folds without per-gene
+    values (those stay in loso.json beside the card), and the row this model is."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise TesseraError(f"--loso {path}: not a readable loso JSON report ({exc})") from None
+    if report.get("format") != "tessera-loso/2":
+        raise TesseraError(f"--loso {path}: format {report.get('format')!r}; rerun `loso` (tessera-loso/2)")
+    folds = {sc: {f: {m: {k: v for k, v in row.items() if k not in ("per_gene", "inner_scores")}
+                      for m, row in fd["methods"].items()} for f, fd in data["folds"].items()}
+             for sc, data in report["schemes"].items()}
+    return {"loso_format": report["format"], "loso_headline": report["headline"],
+            "loso": {sc: data["table"] for sc, data in report["schemes"].items()}, "loso_folds": folds,
+            "loso_protocols": {n: {sc: d["table"] for sc, d in p["schemes"].items()}
+                               for n, p in report.get("protocols", {}).items()},
+            "shipped_row": shipped_row}
+
+
+_ENCODER_NAMES = {"efficientnet_lite0": "EfficientNet-Lite0", "efficientnet_lite2": "EfficientNet-Lite2", "vit_large_patch16": "ViT-L/16 (UNI-class)"}
+
+
+def _encoder_weights_record(encoder: str, weights: Path | None) -> dict | None:
+    """What the card records about local encoder weights (path + SHA-256), checked before any work;
+    a foundation encoder without weights is a one-line error here, not after encoding."""
+    from models.encoders import EncoderError, requires_weights
+
+    if weights is None:
+        if requires_weights(encoder):
+            raise TesseraError(f"--encoder {encoder} needs --encoder-weights: the folder holding its "
+                               "pytorch_model.bin (+ config.json); nothing is downloaded.")
+        return None
+    from models.encoder_weights import weights_record
+
+    try:
+        return weights_record(weights, encoder=encoder)
+    except (EncoderError, OSError) as exc:
+        raise TesseraError(f"--encoder-weights {weights}: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nuclei", action="store_true",
                    help="also count nuclei per class in every tile (in the loader workers; ~10-20 ms per tile)")
     r.add_argument("--min-tissue", type=float, default=MIN_TISSUE, help="tissue fraction a tile needs (0–1)")
+    r.add_argument("--encoder-weights", type=Path, default=None,
+                   help="local weights of a foundation encoder (default: $TESSERA_ENCODER_WEIGHTS, then the path "
+                        "the model's card records); refused unless their SHA-256 is the recorded one")
     r.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("evaluate", help="per-gene PCC of a model on ST sections (HER2ST, Visium, HEST layouts)")
@@ -359,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--st", type=Path, required=True, help="a folder holding one or more sections")
     e.add_argument("--out", type=Path, required=True, help="JSON report")
     e.add_argument("--model-dir", type=Path, default=None, help="extra folder of checkpoints")
+    e.add_argument("--encoder-weights", type=Path, default=None,
+                   help="local weights of a foundation encoder (as for predict)")
     e.set_defaults(func=cmd_evaluate)
 
     lo = sub.add_parser("loso", help="leave-one-section-out table: ridge, reference prior, full model")
@@ -372,8 +486,22 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--mpp", type=float, default=0.5)
     lo.add_argument("--epochs", type=int, default=30, help="fusion-model epochs (fixed, never tuned on the test section)")
     lo.add_argument("--cnn-epochs", type=int, default=4, help="epochs of the end-to-end CNN baseline")
-    lo.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="default: all")
-    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                    help="rows of the table (default: every method but the slow cnn and full_nuclei)")
+    lo.add_argument("--seed", type=int, default=0, help="first seed")
+    lo.add_argument("--seeds", type=int, default=3, help="seeds per trained method (≥ 3 for a reported table)")
+    lo.add_argument("--schemes", nargs="+", default=["patient", "section"], choices=["patient", "section"])
+    lo.add_argument("--groups", default=None,
+                    help="section → patient: B4=B,C2=C,… or a CSV of section,patient (default: HER2ST names, C2 → C)")
+    lo.add_argument("--gene-set", action="append", default=None, metavar="NAME=FILE",
+                    help="also score the targets' genes listed in FILE (repeatable)")
+    lo.add_argument("--protocol", action="append", default=None, metavar="NAME=GENE_FILE",
+                    help="also run the reference-free rows with targets over another gene list, e.g. "
+                         "her2st785=…/her2st_hvg_785.txt (SciSt's protocol)")
+    lo.add_argument("--section-methods", nargs="+", default=None, choices=list(METHODS),
+                    help="rows of the per-section scheme when fewer than --methods (CPU budget)")
+    lo.add_argument("--section-seeds", type=int, default=None, help="seeds of the per-section scheme (default --seeds)")
+    lo.add_argument("--boot", type=int, default=200, help="bootstrap resamples of spots for the 95 %% CIs")
     lo.add_argument("--cache", type=Path, default=Path("data/cache/features"))
     lo.add_argument("--out", type=Path, required=True)
     lo.set_defaults(func=cmd_loso)
@@ -387,7 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
                      ("--mpp", dict(type=float, default=0.5)), ("--epochs", dict(type=int, default=30)),
                      ("--seed", dict(type=int, default=0)), ("--cache", dict(type=Path, default=Path("data/cache/features"))),
                      ("--model-id", dict(required=True)), ("--out", dict(type=Path, required=True)),
-                     ("--loso", dict(type=Path, default=None, help="LOSO report JSON to put in the card"))]:
+                     ("--loso", dict(type=Path, default=None, help="LOSO report JSON to put in the card")),
+                     ("--head", dict(default="fusion", choices=["fusion", "probe"],
+                                     help="probe: expression from the tuned linear probe (ridge) on pooled features")),
+                     ("--shipped-row", dict(default=None, help="the loso table's row this model is (for the card)"))]:
         ts.add_argument(flag, **kw)
     ts.set_defaults(func=cmd_train_st)
 
@@ -446,6 +577,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TesseraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # an encoder that cannot be built as asked (models/ raises no TesseraError)
+        encoders = sys.modules.get("models.encoders")
+        if encoders is None or not isinstance(exc, encoders.EncoderError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -33,6 +33,9 @@ class Settings:
     max_jobs: int = 2            # prediction jobs running at once, across every session of a server
     upload_mb: int = 200         # per uploaded file (Streamlit's server.maxUploadSize is set to match)
     operators: tuple[str, ...] = ()   # with login on: e-mails of users who may import, predict, manage
+    # local foundation-encoder weights (files or folders) looked at before a model's recorded path;
+    # a model uses the one whose SHA-256 its card records (see models.encoder_weights)
+    encoder_weights: tuple[Path, ...] = ()
 
     def data_roots_or_default(self) -> tuple[Path, ...]:
         return self.data_roots or (self.demo_dir, self.data_dir)
@@ -52,6 +55,7 @@ _ENV = {
     "max_jobs": "TESSERA_MAX_JOBS",
     "upload_mb": "TESSERA_UPLOAD_MB",
     "operators": "TESSERA_OPERATORS",
+    "encoder_weights": "TESSERA_ENCODER_WEIGHTS",
 }
 
 
@@ -64,7 +68,7 @@ def _coerce(name: str, value):
         return Path(value).expanduser().resolve()
     if "tuple" in str(kind):
         items = value.split(os.pathsep) if isinstance(value, str) else value
-        return tuple(Path(v).expanduser().resolve() for v in items)
+        return tuple(Path(v).expanduser().resolve() for v in items if str(v).strip())  # "" is no path, not cwd
     if kind in ("int", int):
         return int(value)
     return str(value)

@@ -83,3 +83,8 @@ class InvalidModelIdError(ModelNotFoundError):
 class ModelCheckpointError(TesseraError):
     """A model folder's ``model.pt`` or ``card.json`` cannot be loaded (missing, corrupt, malformed,
     or refused as unsafe because it holds more than weights)."""
+
+
+class EncoderWeightsError(ModelCheckpointError):
+    """A model's encoder needs local weights (a foundation model such as UNI) that are not found,
+    cannot be built, or differ (SHA-256) from the ones it was trained with."""

@@ -44,11 +44,14 @@ def available_encoders() -> list[str]:
 
 
 def create_encoder(name: str, *, weights_path: str | Path | None = None) -> EncoderSpec:
-    """Build a registered encoder; ``timm:<arch>`` builds any timm backbone from local weights."""
+    """Build a registered encoder; ``timm:<arch>`` builds any timm backbone from local weights;
+    ``vit:<path>`` is ``vit`` (any timm-layout ViT, see :mod:`models.vit`) with the weights at ``path``."""
     if name.startswith("timm:"):
         return _timm_encoder(name.split(":", 1)[1], weights_path)
+    if name.startswith("vit:"):
+        return _vit_encoder("vit", weights_path or name.split(":", 1)[1])
     if name not in _REGISTRY:
-        raise KeyError(f"Unknown encoder {name!r}; available: {', '.join(available_encoders())}, timm:<arch>")
+        raise KeyError(f"Unknown encoder {name!r}; available: {', '.join(available_encoders())}, timm:<arch>, vit:<path>")
     return _REGISTRY[name](weights_path=weights_path)
 
 
@@ -127,3 +130,55 @@ class _TimmEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+# -- ViT foundation models (UNI …) from local timm-layout weights, without timm -------------------
+class EncoderError(ValueError):
+    """An encoder cannot be built as asked (weights missing, unreadable or of another shape); the
+    message is meant for the user as is (the CLI prints it on one line)."""
+
+
+class EncoderWeightsMissing(EncoderError):
+    """An encoder that needs local weights was asked for without them (nothing is downloaded)."""
+
+
+# name → (width, depth, patch) the weights must have, and the head count (timm's); all at 224 px
+VIT_ARCHS = {"vit_base_patch16": (768, 12, 16, 12), "vit_large_patch16": (1024, 24, 16, 16),
+             "vit_huge_patch14": (1280, 32, 14, 16)}
+
+
+def requires_weights(name: str) -> bool:
+    """Whether encoder ``name`` can only be built from a local ``weights_path``."""
+    return name == "vit" or name in VIT_ARCHS or name.startswith(("timm:", "vit:"))
+
+
+def encoder_weights_file(weights_path: str | Path) -> Path:
+    """The file an encoder reads for ``weights_path``: the path itself, or the weights file in a
+    folder (``pytorch_model.bin`` …, see :func:`models.vit.resolve_weights_file`)."""
+    from models.vit import resolve_weights_file
+
+    return resolve_weights_file(weights_path)
+
+
+def _vit_encoder(name: str, weights_path: str | Path | None) -> EncoderSpec:
+    """A ViT from a local timm-layout state dict (UNI: ``vit_large_patch16``); ``vit`` takes any size."""
+    from models.vit import ViTWeightsError, load_vit
+
+    if weights_path is None:
+        raise EncoderWeightsMissing(
+            f"encoder {name} needs local weights (nothing is downloaded): pass --encoder-weights FOLDER, the "
+            "folder holding pytorch_model.bin (+ config.json), e.g. UNI's from Hugging Face MahmoodLab/UNI")
+    module, info = load_vit(weights_path, heads=VIT_ARCHS[name][3] if name in VIT_ARCHS else None)
+    cfg = module.config
+    if name in VIT_ARCHS:
+        dim, depth, patch, _ = VIT_ARCHS[name]
+        if (cfg.dim, cfg.depth, cfg.patch) != (dim, depth, patch):
+            raise ViTWeightsError(f"{info['file']}: {cfg.summary()} is not {name} (dim {dim}, depth {depth}, "
+                                  f"patch {patch}); use encoder 'vit' for any ViT size")
+    mean, std = info["norm"] or (IMAGENET_MEAN, IMAGENET_STD)
+    return EncoderSpec(name, module, dim=cfg.dim, mean=mean, std=std, native_px=224 if name in VIT_ARCHS else cfg.native_px)
+
+
+register_encoder("vit")(lambda weights_path=None: _vit_encoder("vit", weights_path))
+for _name in VIT_ARCHS:
+    register_encoder(_name)(lambda weights_path=None, _n=_name: _vit_encoder(_n, weights_path))

@@ -83,3 +83,23 @@ class FusionHead(ReferenceHead):
         expr = prior + self.head(q[:, 1])
         return {"expression": expr, "composition": composition, "prior": prior,
                 "embedding": F.normalize(self.embed(q[:, 1]), dim=-1)}
+
+
+class ProbeFusionHead(FusionHead):
+    """A fusion head whose *expression* comes from a linear probe on the pooled image tokens.
+
+    The composition, reference prior and embedding are the fusion head's (the product's cell-type
+    maps and similar-tile search need them); the expression is ``probe(mean over tokens)``, a
+    linear map fitted in closed form (standardise → PCA → ridge, collapsed into one matrix, see
+    :func:`core.training.loso.ridge_linear`). Shipped when the held-out table shows the tuned
+    linear probe beating the attention head on new patients.
+    """
+
+    def __init__(self, config: FusionConfig, profiles: torch.Tensor):
+        super().__init__(config, profiles)
+        self.probe = nn.Linear(config.in_dim, config.n_genes)
+
+    def forward(self, tokens: torch.Tensor, composition: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = super().forward(tokens, composition)
+        out["expression"] = self.probe(tokens.mean(dim=1))
+        return out

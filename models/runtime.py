@@ -82,19 +82,29 @@ class OnnxRuntime:
         return dict(zip(OUTPUTS, self.session.run(None, {"tiles": np.ascontiguousarray(array)})))
 
 
+ONNX_MAX_BYTES = 2 ** 31 - 2 ** 26  # one protobuf file holds < 2 GiB (ViT-L fp32, 1.2 GB, fits; ViT-H does not)
+
+
 def export_onnx(model: nn.Module, input_px: int, path: Path) -> Path:
-    """Export ``model`` (uint8 [B, px, px, 3] in) with a dynamic batch axis; atomic write."""
+    """Export ``model`` (uint8 [B, px, px, 3] in) with a dynamic batch axis; atomic write (a failed
+    export leaves no file). Models too large for a single ONNX file raise ``ValueError``."""
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if size > ONNX_MAX_BYTES:
+        raise ValueError(f"the model's weights ({size / 2**30:.1f} GiB) exceed what one ONNX file holds (2 GiB)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     example = torch.zeros(2, input_px, input_px, 3, dtype=torch.uint8)
     axes = {name: {0: "batch"} for name in ("tiles", *OUTPUTS)}
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        torch.onnx.export(_Outputs(model.cpu().eval()), (example,), str(tmp), input_names=["tiles"],
-                          output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=17, dynamo=False)
-    tmp.replace(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(_Outputs(model.cpu().eval()), (example,), str(tmp), input_names=["tiles"],
+                              output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=17, dynamo=False)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from models.reference import ReferenceHead
 
 from models.encoders import EncoderSpec, create_encoder
-from models.fusion import FusionConfig, FusionHead
+from models.fusion import FusionConfig, FusionHead, ProbeFusionHead
 
 CHECKPOINT_FORMAT = "tessera-ckpt/1"
 VERSION_CHARS = 12  # a model version: the first 12 hex digits of the SHA-256 of its model.pt
@@ -231,7 +231,8 @@ def _plain(obj):
     return obj.item() if hasattr(obj, "item") and type(obj).__module__ == "numpy" else obj
 
 
-_HEADS = {"pooled": (HeadConfig, ReferenceInformedHead), "fusion": (FusionConfig, FusionHead)}
+_HEADS = {"pooled": (HeadConfig, ReferenceInformedHead), "fusion": (FusionConfig, FusionHead),
+          "probe_fusion": (FusionConfig, ProbeFusionHead)}
 
 
 def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard, *, half: bool = True) -> ModelCard:
@@ -245,8 +246,10 @@ def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard, *, half: 
     float32, and predictions move by ~1e-3 of a log-expression unit).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    head_type = "fusion" if isinstance(head, FusionHead) else "pooled"
-    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in head.state_dict().items()}
+    head_type = "probe_fusion" if isinstance(head, ProbeFusionHead) else "fusion" if isinstance(head, FusionHead) else "pooled"
+    # a ridge probe's weights are tiny at strong α (fp16 would flush them): kept in float32
+    state = {k: (v.half() if half and v.is_floating_point() and not k.startswith("probe.") else v)
+             for k, v in head.state_dict().items()}
     card_dict = json.loads(json.dumps(_plain({**asdict(card), "version": ""})))  # plain JSON types only
     payload = {"format": CHECKPOINT_FORMAT, "head_type": head_type, "head_config": _plain(asdict(head.config)),
                "head_state": state, "card": card_dict}
@@ -282,13 +285,18 @@ def _unpickle(path: Path, data: bytes) -> dict:
     return payload
 
 
-def load_checkpoint(directory: Path, *, encoder_weights: str | Path | None = None) -> tuple[TesseraModel, ModelCard]:
+def load_checkpoint(directory: Path, *, encoder_weights: str | Path | None = None,
+                    encoder_search: tuple | list = ()) -> tuple[TesseraModel, ModelCard]:
     """Load a checkpoint folder into an eval-mode :class:`TesseraModel` and its card.
 
     ``model.pt`` is loaded with ``weights_only=True``; any problem with it or ``card.json`` raises
     :class:`CheckpointError`. The returned card's ``version`` is derived from the SHA-256 of the
     ``model.pt`` read (:func:`version_for`): when ``card.json`` records another version (the weights
     were replaced after the card was written) a warning is logged and the file's version is used.
+
+    Encoder weights (foundation models) are found and verified against the SHA-256 the card records
+    by :func:`models.encoder_weights.find_weights`: ``encoder_weights`` is the only path tried when
+    given, else ``encoder_search`` then the recorded path; the path used is ``model.encoder_weights``.
     """
     directory = Path(directory)
     card = read_card(directory / "card.json")
@@ -317,5 +325,16 @@ def load_checkpoint(directory: Path, *, encoder_weights: str | Path | None = Non
         head.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: the weights do not fit the recorded head ({exc})") from None
-    model = TesseraModel(create_encoder(card.encoder, weights_path=encoder_weights), head).eval()
+    from models.encoder_weights import EncoderWeightsError, find_weights
+    from models.encoders import EncoderError
+
+    weights = find_weights(directory, card, explicit=encoder_weights, search=encoder_search)
+    try:
+        encoder = create_encoder(card.encoder, weights_path=weights)
+    except EncoderError as exc:
+        raise EncoderWeightsError(f"its encoder {card.encoder} cannot be built: {exc}") from None
+    except KeyError as exc:
+        raise CheckpointError(f"{directory / 'card.json'}: {exc.args[0] if exc.args else exc}") from None
+    model = TesseraModel(encoder, head).eval()
+    model.encoder_weights = str(weights) if weights is not None else None
     return model, card

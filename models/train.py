@@ -44,12 +44,20 @@ def fit_fusion(head, tokens: torch.Tensor, targets: torch.Tensor, *, composition
     composition); ``true_composition`` supervises a learned one (synthetic data only). Loss =
     MSE(expression) + ``prior_weight`` × MSE(prior) [+ KL(true ‖ learned composition)]. One-cycle
     schedule over a fixed number of epochs: nothing is chosen on held-out data.
+
+    ``tokens`` may hold several views of every sample, [V, N, T, C] (flips, stain jitter, …): each
+    sample of each batch is then drawn from one view at random (augmentation on cached features).
     """
     torch.manual_seed(seed)
     mse = nn.functional.mse_loss
+    n = tokens.shape[-3]
 
-    def batch_loss(idx, _gen):
-        out = head(tokens[idx].float(), None if composition is None else composition[idx])
+    def batch_loss(idx, gen):
+        if tokens.ndim == 4:
+            x = tokens[torch.randint(tokens.shape[0], (len(idx),), generator=gen), idx]
+        else:
+            x = tokens[idx]
+        out = head(x.float(), None if composition is None else composition[idx])
         loss = mse(out["expression"], targets[idx]) + prior_weight * mse(out["prior"], targets[idx])
         if true_composition is not None:
             comp = out["composition"].clamp_min(1e-6)
@@ -58,7 +66,7 @@ def fit_fusion(head, tokens: torch.Tensor, targets: torch.Tensor, *, composition
         return loss
 
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
-    return _one_cycle(head, opt, lr, len(tokens), epochs=epochs, batch_size=batch_size, seed=seed,
+    return _one_cycle(head, opt, lr, n, epochs=epochs, batch_size=batch_size, seed=seed,
                       batch_loss=batch_loss, name="fusion")
 
 

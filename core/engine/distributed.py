@@ -26,7 +26,8 @@ def _actor_class():
 
     @ray.remote
     class SlideWorker:
-        def __init__(self, model_id: str, model_dirs: list[str], engine_kwargs: dict):
+        def __init__(self, model_id: str, model_dirs: list[str], engine_kwargs: dict,
+                     encoder_weights: str | None = None):
             import os
 
             import torch
@@ -36,7 +37,7 @@ def _actor_class():
 
             if engine_kwargs.get("device", "auto") != "cuda":  # CPU actors: one thread per CPU Ray gave us
                 torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-            self.model = load_model(model_id, [Path(d) for d in model_dirs])
+            self.model = load_model(model_id, [Path(d) for d in model_dirs], encoder_weights=encoder_weights)
             self.engine = Engine(self.model, **engine_kwargs)
 
         def predict(self, store_path: str, slides: list, tiling: dict, force: bool, nuclei: bool = False) -> list[dict]:
@@ -81,7 +82,8 @@ def predict_cohort_ray(store_path: str | Path, cohort: str, model: LoadedModel, 
                          "workers": workers if workers is not None else 0, "runtime": runtime}
         model_dirs = [str(d) for d in load_settings().model_dirs]
         worker_cls = _actor_class()
-        actors = [worker_cls.options(**options, runtime_env=env or None).remote(model.model_id, model_dirs, engine_kwargs)
+        actors = [worker_cls.options(**options, runtime_env=env or None).remote(model.model_id, model_dirs, engine_kwargs,
+                                                                                      model.encoder_weights)
                   for _ in range(n_actors)]
         log.info("ray: %d actor(s) (%s) over %d slides", n_actors, "GPU" if use_gpu else f"{cpus_per_actor} CPU each",
                  len(pairs))

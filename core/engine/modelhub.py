@@ -7,6 +7,11 @@ and loading it by name says what is wrong. ``model.pt`` is loaded with ``weights
 every run key — is derived from the SHA-256 of that file, so replacing the weights never serves
 runs cached for the old ones. The listing's ``version`` is what ``card.json`` records (reading it
 does not hash or import torch); the loaded model's version is authoritative.
+
+A model on a foundation encoder (UNI …) needs that encoder's local weights, which its card records
+by path and SHA-256 (:mod:`models.encoder_weights`): they are looked for at ``encoder_weights``
+when given, else in the setting ``encoder_weights`` (``$TESSERA_ENCODER_WEIGHTS``) then at the
+recorded path, and weights with another SHA-256 are refused (:class:`EncoderWeightsError`).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import InvalidModelIdError, ModelCheckpointError, ModelNotFoundError
+from core.errors import EncoderWeightsError, InvalidModelIdError, ModelCheckpointError, ModelNotFoundError
 from core.wsi.tiling import TilingParams
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,7 @@ class LoadedModel:
     cell_types: list[str]
     card: dict
     module: object  # models.scist.TesseraModel (torch is imported lazily)
+    encoder_weights: str | None = None  # the local encoder weights loaded (foundation encoders), verified
 
     @property
     def key(self) -> str:
@@ -137,17 +143,29 @@ def read_card(model_id: str, model_dirs) -> dict:
     return _find(model_id, model_dirs)[1]
 
 
-def load_model(model_id: str, model_dirs, *, encoder_weights: str | None = None) -> LoadedModel:
+def load_model(model_id: str, model_dirs, *, encoder_weights: str | Path | None = None,
+               encoder_search=None) -> LoadedModel:
     """Load a model by id; its ``version`` (and so ``key``) is derived from the SHA-256 of its
-    ``model.pt`` (see :func:`models.scist.version_for`), not taken on trust from ``card.json``."""
+    ``model.pt`` (see :func:`models.scist.version_for`), not taken on trust from ``card.json``.
+
+    ``encoder_weights``: the local encoder weights to use (the only place looked at); else
+    ``encoder_search`` (default: the setting ``encoder_weights``) then the card's recorded path."""
+    from models.encoder_weights import EncoderWeightsError as WeightsError
     from models.scist import CheckpointError, load_checkpoint
 
     directory, card_json = _find(model_id, model_dirs)
+    if encoder_search is None:
+        from core.config import load_settings
+
+        encoder_search = load_settings().encoder_weights
     try:
-        module, card = load_checkpoint(directory, encoder_weights=encoder_weights)
+        module, card = load_checkpoint(directory, encoder_weights=encoder_weights, encoder_search=encoder_search)
+    except WeightsError as exc:
+        raise EncoderWeightsError(f"Model {model_id!r} cannot be loaded: {exc}") from None
     except CheckpointError as exc:
         raise ModelCheckpointError(
             f"Model {model_id!r} cannot be loaded: {exc}. Replace the folder's model.pt with one written by "
             "Tessera (`python -m core.cli train`) or remove the folder.") from None
     card_json = {**card_json, "version": card.version}
-    return LoadedModel(card.model_id, card.version, list(card.genes), list(card.cell_types), card_json, module)
+    return LoadedModel(card.model_id, card.version, list(card.genes), list(card.cell_types), card_json, module,
+                       encoder_weights=getattr(module, "encoder_weights", None))

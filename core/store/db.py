@@ -80,12 +80,14 @@ class Store(StoreQueries):
                 self.con = duckdb.connect(str(self.path), read_only=read_only, config={
                     "memory_limit": memory_limit or os.environ.get("TESSERA_DB_MEMORY", "40%")})
                 break
-            except (duckdb.IOException, duckdb.ConnectionException) as exc:
+            except (duckdb.IOException, duckdb.ConnectionException, duckdb.ResourceInUseException) as exc:
                 # another process holds the file lock (IOException), or this process has the file open
-                # with the other access mode (ConnectionException: "different configuration"), as
-                # when one Streamlit session writes while another reads: both pass in a moment
+                # with the other access mode (ConnectionException: "different configuration"), or is
+                # attaching it in another thread at this very moment (ResourceInUseException: "unique
+                # file handle conflict"), as when one Streamlit session writes while another reads:
+                # all pass in a moment
                 text = str(exc).lower()
-                busy = "lock" in text or "different configuration" in text
+                busy = "lock" in text or "different configuration" in text or "file handle conflict" in text
                 if busy and time.monotonic() < deadline:
                     time.sleep(0.1)
                     continue

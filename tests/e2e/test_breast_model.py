@@ -17,11 +17,17 @@ WEIGHTS = REPO_ROOT / "models" / "weights"
 
 
 def test_card_documents_panel_tiling_and_loso():
+    """The shipped model is the held-out table's best engine-runnable row on new patients."""
+    from core.training.loso import best_row
+
     card = json.loads((WEIGHTS / "breast-her2st" / "card.json").read_text())
+    report = json.loads((WEIGHTS / "breast-her2st" / "loso.json").read_text())
     assert len(card["genes"]) == 253 and {"ERBB2", "ESR1", "CD8A", "MKI67"} <= set(card["genes"])
-    assert card["tile_um"] == 112.0 and card["mpp"] == 0.5 and card["input_px"] == 224
+    assert card["tile_um"] == 112.0 and card["input_px"] == round(card["tile_um"] / card["mpp"])
     assert card["training_data"]["sections"] == ["B4", "C2", "C3", "C4", "C5"]
-    assert {"ridge", "prior", "full"} <= set(card["metrics"]["loso"])
+    assert card["metrics"]["loso_headline"] == "patient"
+    assert {"ridge", "prior", "full"} <= set(card["metrics"]["loso"]["patient"])
+    assert card["metrics"]["shipped_row"] == best_row(report)
 
 
 def test_breast_model_predicts_a_real_svs(shared_data, tmp_path):

@@ -132,15 +132,24 @@ def test_weights_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
 
 
 def test_shipped_checkpoint_loads_as_weights_only_and_keeps_its_version():
-    """Its card records the pre-SHA-256 version (a BLAKE2b of the same file): still accepted, so
-    stores that predicted with it keep their runs."""
+    """The shipped model loads weights-only and its version is the SHA-256 prefix of its model.pt."""
     folder = REPO / "models" / "weights" / "breast-her2st"
     if not (folder / "model.pt").is_file():
         pytest.skip("shipped checkpoint not present")
     recorded = json.loads((folder / "card.json").read_text())["version"]
     model = load_model("breast-her2st", [folder.parent])
-    assert model.version == recorded
-    assert recorded == hashlib.blake2b((folder / "model.pt").read_bytes(), digest_size=6).hexdigest()
+    assert model.version == recorded == hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest()[:12]
+
+
+def test_a_legacy_blake2b_version_is_still_accepted(tmp_path):
+    """Older cards record a BLAKE2b of the same file: still accepted, so stores that predicted with
+    those checkpoints keep their runs."""
+    _save(tmp_path / "tiny")
+    model_pt, card_path = tmp_path / "tiny" / "model.pt", tmp_path / "tiny" / "card.json"
+    legacy = hashlib.blake2b(model_pt.read_bytes(), digest_size=6).hexdigest()
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "version": legacy}))
+    scist._DIGESTS.clear()
+    assert load_checkpoint(tmp_path / "tiny")[1].version == legacy
 
 
 @pytest.mark.parametrize("model_id", ["../x", "../../etc", "a/b", "..", "", "a\\b", "/abs", ".hidden", "x..y"])
