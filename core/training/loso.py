@@ -68,15 +68,12 @@ def prepare(sections, genes: list[str], *, encoder: str, tile_um: float, mpp: fl
             groups: dict[str, str] | None = None) -> list[Prepared]:
     """Features, nuclei counts and small patches of every spot (cached per section/encoder/tiling);
     ``groups`` maps section → patient (default :func:`patient_of`'s rule)."""
-    import torch
-
     from core.wsi.nuclei_classes import compositions
     from core.training.stdata import section_patches, targets
+    from core.training.features import encode
     from models.encoders import create_encoder
-    from models.scist import TesseraModel
 
     spec = create_encoder(encoder, weights_path=encoder_weights)
-    wrapper = TesseraModel(spec, torch.nn.Identity()).eval()  # only for its preprocessing
     out = []
     for section in sections:
         key = hashlib.blake2b(f"{CACHE_VERSION}|{section.name}|{section.image_path}|{encoder}|{tile_um}|{mpp}".encode(),
@@ -87,7 +84,7 @@ def prepare(sections, genes: list[str], *, encoder: str, tile_um: float, mpp: fl
         else:
             started = time.perf_counter()
             patches, keep = section_patches(section, tile_um=tile_um, mpp=mpp)
-            pooled, tokens = _encode(wrapper, spec, patches, batch_size)
+            pooled, tokens = encode(spec, patches, batch_size=batch_size)
             _, counts = compositions(patches, mpp=mpp, workers=workers, return_counts=True)
             data = {"pooled": pooled, "tokens": tokens, "keep": keep, "nuclei": counts, "small": _halve(patches)}
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -105,19 +102,6 @@ def _halve(patches: np.ndarray) -> np.ndarray:
     n, h, w, c = patches.shape
     small = patches[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
     return np.round(small).astype(np.uint8)
-
-
-def _encode(wrapper, spec, patches: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    pooled, tokens = [], []
-    with torch.inference_mode():
-        for i in range(0, len(patches), batch_size):
-            x = wrapper.preprocess(torch.from_numpy(np.ascontiguousarray(patches[i:i + batch_size])))
-            t = spec.module.tokens(x)
-            tokens.append(t.half().numpy())
-            pooled.append(t.mean(dim=1).numpy())
-    return np.concatenate(pooled), np.concatenate(tokens)
 
 
 def nuclei_composition(prepared: Prepared, reference_types: list[str], shares: dict | None = None,
