@@ -566,7 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     me.set_defaults(func=cmd_measured)
 
     from core.cli_analysis import add_analysis_commands
+    from core.cli_domains import add_domains_commands
+    from core.cli_export import add_export_commands
+    from core.cli_measured import add_measured_commands
+    from core.cli_signatures import add_signatures_commands
     add_analysis_commands(sub)
+    add_export_commands(sub)
+    add_domains_commands(sub)
+    add_measured_commands(sub)
+    add_signatures_commands(sub)
     return p
 
 
