@@ -50,6 +50,26 @@ class StoreQueries:
         return self.con.execute(f"SELECT tile_idx, x, y, {value} AS value FROM {table} "
                                 "WHERE run_id = ? ORDER BY tile_idx", [self._run_id(run_key)]).df()
 
+    def run_expression(self, model_key: str, run_key: str, genes: list[str] | None = None
+                       ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+        """One slide's whole prediction: tiles (tile_idx, x, y level-0 top-left px, tissue fraction)
+        in tile order, the [N, G] float32 matrix of predicted log1p(CP10k) and its genes (the
+        panel's order, or ``genes``' order)."""
+        info = self.model_info(model_key)
+        genes = list(info.genes) if genes is None else list(genes)
+        missing = [g for g in genes if g not in info.genes]
+        if missing:
+            raise StoreError(f"{', '.join(missing)} not in the panel of {model_key}.")
+        run_id = self._run_id(run_key)
+        cols = ", ".join(f"p.{ident(g)}" for g in genes)
+        df = self.con.execute(f"SELECT p.tile_idx, p.x, p.y, t.tissue{', ' + cols if cols else ''} "
+                              f"FROM {info.pred_table} p LEFT JOIN tiles t "
+                              "ON t.run_id = p.run_id AND t.tile_idx = p.tile_idx "
+                              "WHERE p.run_id = ? ORDER BY p.tile_idx", [run_id]).df()
+        tiles = df[["tile_idx", "x", "y", "tissue"]].reset_index(drop=True)
+        matrix = df[genes].to_numpy(np.float32) if genes else np.zeros((len(df), 0), np.float32)
+        return tiles, matrix, genes
+
     def top_tiles(self, model_key: str, gene: str | list[str], run_keys: list[str], k: int = 24) -> pd.DataFrame:
         """The ``k`` tiles with the highest predicted value of ``gene`` (or of the mean of a
         signature's genes) across the given runs."""
