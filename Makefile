@@ -7,13 +7,15 @@ PORT   ?= 8501
 
 .PHONY: setup demo run dev test bench browser clean-demo
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt core/viewer/vendor.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m core.viewer.vendor
 	touch $(STAMP)
 
 setup: $(STAMP)
+	@$(PY) -m core.viewer.vendor >/dev/null
 
 # Builds the demo cohort (world, model, predictions) once; later runs are cache hits.
 demo: setup

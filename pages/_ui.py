@@ -208,6 +208,7 @@ def sidebar() -> tuple[str | None, str | None]:
 
     Both choices survive page switches. The default model is the most recent one with predictions
     for the chosen cohort; models without any for it say so in the picker."""
+    _through_router()
     exposure_check()
     role()   # with login on, every page stops here until the user has signed in
     if store_path().exists():
@@ -223,7 +224,9 @@ def sidebar() -> tuple[str | None, str | None]:
         st.info("The store has no cohort yet: import one on the Import page, or run `python -m core.cli demo`.")
         return None, None
     _keep("cohort", cohorts)
+    url_seed("cohort", "cohort", cohorts)
     cohort = st.sidebar.selectbox("Cohort", cohorts, key="cohort", on_change=_cohort_changed)
+    url_sync({"cohort": cohort})
     coverage = query(Store.model_coverage, cohort)
     if coverage.empty:
         st.sidebar.info("No predictions yet: start them on the Predictions page.")
@@ -232,11 +235,24 @@ def sidebar() -> tuple[str | None, str | None]:
     predicted = dict(zip(coverage["model_key"], coverage["predicted"]))
     with_runs = [k for k in keys if predicted[k] > 0]
     _keep("model", keys)
+    url_seed("model", "model", keys)
     default = {} if "model" in st.session_state else {"index": keys.index(with_runs[-1] if with_runs else keys[-1])}
     model = st.sidebar.selectbox(
         "Model", keys, key="model", **default,
         format_func=lambda k: model_label(k) + ("" if predicted[k] else f" (no predictions for {cohort})"))
+    url_sync({"model": model})
     return cohort, model
+
+
+def _through_router() -> None:
+    """A fresh server's first session opened on a page's link (``/slide?…``) runs that page on its
+    own, without ``app.py`` (Streamlit's legacy ``pages/`` folder mode stays on until a script calls
+    ``st.navigation``): switch the legacy mode off and rerun, so ``app.py`` routes the same URL."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def _keep(key: str, options: list) -> None:
@@ -455,3 +471,47 @@ def exposure_check() -> None:
              ".streamlit/secrets.toml (see the README, Deploying for a team), bind to 127.0.0.1, or set "
              "TESSERA_ALLOW_OPEN=1 if a proxy in front of it authenticates users.")
     st.stop()
+
+
+# -- shareable state: the URL's query string carries what the page shows --------------------------
+def url_seed(key: str, param: str, options: list | None = None, *, multi: bool = False,
+             parse: Callable[[str], object] | None = None) -> None:
+    """Before the widget ``key`` is drawn: on this session's first run of the page, take its value
+    from the link's ``?param=``. A value the page does not offer (a stale or hand-edited link) is
+    dropped with a notice and the widget keeps its default. ``multi``: comma-separated list."""
+    seeded = st.session_state.setdefault("_url_seeded", set())
+    page = getattr(st.context, "url", "") if hasattr(st, "context") else ""
+    mark = (str(page).split("?", 1)[0], key)
+    if mark in seeded:
+        return
+    seeded.add(mark)
+    raw = st.query_params.get(param)
+    if raw is None or raw == "":
+        return
+    try:
+        values = [v for v in str(raw).split(",") if v] if multi else [str(raw)]
+        values = [parse(v) if parse else v for v in values]
+    except (TypeError, ValueError):
+        values = None
+    bad = values is None or (options is not None and any(v not in options for v in values))
+    if bad or (multi and not values):
+        notice(f"The link's {param}={raw} is not available here; showing the default instead.")
+        return
+    st.session_state[key] = values if multi else values[0]
+
+
+def url_sync(params: dict[str, object]) -> None:
+    """After the widgets: write the current view into the query string (lists comma-joined, None
+    removes the parameter), so a copied link reopens the same view."""
+    for name, value in params.items():
+        if value is None or value == [] or value == "":
+            if name in st.query_params:
+                del st.query_params[name]
+            continue
+        text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+        if st.query_params.get(name) != text:
+            st.query_params[name] = text
+
+
+def notice(message: str) -> None:
+    st.info(md_escape(message), icon=":material/link_off:")

@@ -1,64 +1,237 @@
-"""Slide: predicted genes, signatures or nucleus densities as heatmaps over the thumbnail (one, or two
-side by side); the tissue mask and tile grid preview."""
+"""Slide: a deep-zoom viewer of the H&E (read from the pyramid on demand) with predicted genes,
+signatures, nucleus densities or spatial domains as an aligned overlay; 2–4 slides (or 2–4 layers)
+side by side on one colour scale with synced zoom; click a tile for its full-resolution H&E and
+profile; the tissue mask and tile grid preview. The URL carries the view."""
 import streamlit as st
 
-from core.analysis.maps import layer_tiles
-from core.analysis.plots import heatmap_overlay
+from core.analysis import slideview
+from core.analysis.overlay import COLORMAPS
 from core.store.db import Store
 from core.vocab import READABLE_STATUSES, SlideStatus
-from pages import _ui
+from pages import _ui, _viewer
+
+VIEWS = ("Slide", "Compare slides", "Compare layers")
+RANGES = {"slide": "This slide", "shown": "Slides shown together", "cohort": "Whole cohort", "custom": "Custom"}
+CUSTOM_SIG = "sig:*"
 
 
-def pick_layer(model: str, row, key: str, default: str, has_nuclei: bool) -> str:
-    """A gene, a signature, or (when the run counted them) a class of nuclei."""
-    from core.analysis.maps import nuclei_layers, parse_signature
+def layer_options(model: str, has_nuclei: bool, has_domains: bool) -> tuple[list[str], dict[str, str]]:
+    from core.analysis.maps import nuclei_layers
+    from core.analysis.signatures import library
 
     genes = _ui.genes(model)
-    options = [f"gene:{g}" for g in genes] + ["sig:"] + (nuclei_layers() if has_nuclei else [])
-    labels = {"sig:": "Signature (mean of several genes)…"}
-    labels.update({o: f"Nuclei: {o.split(':')[1]} (per mm²)" for o in nuclei_layers()})
-    index = options.index(f"gene:{default}") if f"gene:{default}" in options else 0
-    choice = st.selectbox("Layer", options, index=index, key=f"layer_{key}",
-                          format_func=lambda o: labels.get(o, o.split(":", 1)[1]))
-    if choice == "sig:":
-        text = st.text_input("Signature genes", "CD8A, CD3E, GZMB" if "GZMB" in genes else ", ".join(genes[:3]),
-                             key=f"sig_{key}", help="Predicted log1p(CP10k) averaged over these genes, per tile.")
-        choice = "sig:" + ",".join(parse_signature(text, genes))
+    upper = {g.upper() for g in genes}
+    sigs = [n for n, gs in library().items() if any(g.upper() in upper for g in gs)]
+    options = [f"gene:{g}" for g in genes] + [f"sig:{n}" for n in sigs] + [CUSTOM_SIG]
+    options += nuclei_layers() if has_nuclei else []
+    options += [slideview.DOMAIN_LAYER] if has_domains else []
+    labels = {CUSTOM_SIG: "Signature · your own genes…", slideview.DOMAIN_LAYER: "Spatial domains (cohort)"}
+    labels.update({f"sig:{n}": f"Signature · {n}" for n in sigs})
+    labels.update({o: f"Nuclei · {o.split(':')[1]} per mm²" for o in nuclei_layers()})
+    return options, labels
+
+
+def pick_layer(options, labels, key: str, default: str) -> str:
+    """One layer (a select box; a signature also gets its scoring method)."""
+    if key not in st.session_state:
+        st.session_state[key] = default if default in options else options[0]
+    c1, c2 = st.columns([3, 2])
+    choice = c1.selectbox("Layer", options, key=key, format_func=lambda o: labels.get(o, o.split(":", 1)[-1]))
+    if choice == CUSTOM_SIG:
+        text = c2.text_input("Genes", "CD8A, CD3E, GZMB", key=f"{key}_genes",
+                             help="Gene symbols of the model's panel, separated by commas.")
+        choice = "sig:" + ",".join(t.strip() for t in text.replace(";", ",").split(",") if t.strip())
+    if choice.startswith("sig:"):
+        method = c2.selectbox("Scoring", ["score_genes", "mean_z"], key=f"{key}_method",
+                              help="score_genes: mean of the set minus the mean of expression-matched control "
+                                   "genes (scanpy). mean_z: mean of the genes z-scored over the cohort's tiles.")
+        choice = f"{choice}@{method}"
     return choice
 
 
-def heatmap(model: str, row, key: str, default: str, opacity: float) -> None:
-    from core.analysis.maps import layer_title
-
-    has_nuclei = _ui.query(Store.has_nuclei, row["run_key"])
-    layer = pick_layer(model, row, key, default, has_nuclei)
-    tile_um, _ = _ui.model_tiling(model)
-    tiles = _ui.query(layer_tiles, model, row["run_key"], layer, tile_um)
-    title = layer_title(layer)
-    thumb, dims = _ui.thumbnail(row["slide_path"], 1024)
-    fig = heatmap_overlay(thumb, dims, tiles, int(row["tile_size"]), title=title.split(" (")[0], opacity=opacity,
-                          colorscale="Magma" if layer.startswith("nuclei:") else "Viridis")
-    st.plotly_chart(fig, width="stretch", key=f"heatmap_{key}")
-    unit = "" if layer.startswith("nuclei:") else "predicted log1p(CP10k) of "
-    st.caption(f"{row['patient']} · {len(tiles)} tiles of {int(row['tile_size'])} px · {unit}{title}: "
-               f"mean {tiles['value'].mean():.2f}, range {tiles['value'].min():.2f}–{tiles['value'].max():.2f}")
+def layer_of(model, cohort, row, layer, tile_um):
+    return _ui.query(slideview.layer_frame, cohort, model, row["run_key"], layer, tile_um)
 
 
-def heatmaps(model: str, row) -> None:
-    c1, c2 = st.columns([1, 1])
-    compare = c1.toggle("Side by side", value=False, key="compare",
-                        help="Two layers of the same slide next to each other (e.g. a gene and a signature).")
+@st.cache_data(show_spinner=False, max_entries=256)
+def overlay(tiles, tile_size, width, height, vmin, vmax, cmap, tissue_min, n_categories):
+    return slideview.overlay_view(tiles, tile_size, width, height, vmin=vmin, vmax=vmax, cmap=cmap,
+                                  tissue_min=tissue_min, categories=n_categories)
+
+
+def panel(row, tiles, labels, layer_name, vrange, display, marker=None) -> dict:
+    tile_size = int(row["tile_size"])
+    w, h = int(row["width"]), int(row["height"])
+    view = overlay(tiles, tile_size, w, h, vrange[0], vrange[1], display["cmap"], display["tissue_min"],
+                   len(labels) if labels else None)
+    legend = slideview.category_legend(labels) if labels else slideview.legend(vrange[0], vrange[1], display["cmap"])
+    caption = (f"{len(tiles)} tiles" if labels else slideview.summary_caption(slideview.layer_summary(tiles, tile_size)))
+    return {"token": _viewer.slide_token(row["slide_path"]), "width": w, "height": h, "dzi": _viewer.DZI,
+            "title": f"{row['slide_name']} · {layer_name}", "caption": caption, "legend": legend,
+            "overlay": {"url": view.url, "width_px": view.width_px}, "marker": marker}
+
+
+def color_range(frames: list, scope: str, robust: bool, cohort_values=None, custom=(0.0, 1.0)) -> list[tuple]:
+    mode = "robust" if robust else "minmax"
+    if scope == "custom":
+        return [tuple(custom)] * len(frames)
+    if scope == "cohort" and cohort_values is not None:
+        return [slideview.shared_range([cohort_values], mode)] * len(frames)
+    if scope == "shown":
+        return [slideview.shared_range([f["value"].to_numpy() for f in frames], mode)] * len(frames)
+    return [slideview.shared_range([f["value"].to_numpy()], mode) for f in frames]
+
+
+def display_controls(scopes: list[str]) -> dict:
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 2])
+    _ui.url_seed("cmap", "cmap", list(COLORMAPS))
+    cmap = c1.selectbox("Colour map", list(COLORMAPS), key="cmap")
     opacity = c2.slider("Opacity", 0.0, 1.0, 0.55, 0.05, key="opacity")
-    # each layer has its own guard: a bad signature fails that layer with its message, not the page
-    if not compare:
-        with _ui.guard():
-            heatmap(model, row, "a", "ERBB2", opacity)
+    _ui.url_seed("scale", "scale", scopes)
+    scope = c3.selectbox("Colour scale", scopes, key="scale", format_func=RANGES.get)
+    tissue_min = c4.slider("Hide tiles with tissue below", 0.0, 1.0, 0.0, 0.05, key="tissue_min",
+                           help="Tissue-only display: tiles whose tissue fraction is lower are not coloured.")
+    robust = st.toggle("Robust range (2nd–98th percentile)", value=False, key="robust")
+    custom = (0.0, 1.0)
+    if scope == "custom":
+        a, b = st.columns(2)
+        custom = (a.number_input("From", value=0.0, key="vmin"), b.number_input("To", value=3.0, key="vmax"))
+        if not custom[1] > custom[0]:
+            st.warning("The colour range must go up: ‘To’ is set above ‘From’.")
+            custom = (custom[0], custom[0] + 1e-6)
+    return {"cmap": cmap, "opacity": opacity, "scope": scope, "robust": robust, "custom": custom,
+            "tissue_min": tissue_min or None}
+
+
+def tile_details(model: str, row, tiles_by_layer: dict, x: int, y: int) -> None:
+    from core.analysis import crossmodal
+    from core.analysis.plots import profile_bars
+
+    tile_size = int(row["tile_size"])
+    first = next(iter(tiles_by_layer.values()))
+    hit = slideview.tile_at(first, x, y, tile_size)
+    if hit is None:
+        st.caption(f"({x}, {y}) on {row['slide_name']} is background: no tile was predicted there.")
         return
-    left, right = st.columns(2)
-    with left, _ui.guard():
-        heatmap(model, row, "a", "ERBB2", opacity)
-    with right, _ui.guard():
-        heatmap(model, row, "b", "CD8A", opacity)
+    st.subheader(f"Tile {int(hit['tile_idx'])} of {row['slide_name']} at ({int(hit['x'])}, {int(hit['y'])}) px")
+    left, mid, right = st.columns([2, 2, 3])
+    out_px = min(tile_size, 1024)
+    left.image(_ui.tile_image(row["slide_path"], int(hit["x"]), int(hit["y"]), tile_size, out_px),
+               caption=f"H&E at full resolution ({tile_size} px at level 0)", width="stretch")
+    values = []
+    for name, frame in tiles_by_layer.items():
+        match = frame[frame["tile_idx"] == hit["tile_idx"]]
+        values.append({"layer": name, "value": float(match["value"].iloc[0]) if len(match) else float("nan"),
+                       "slide mean": float(frame["value"].mean())})
+    mid.dataframe(values, hide_index=True, width="stretch")
+    profile = _ui.query(crossmodal.tile_profile, model, row["run_key"], int(hit["tile_idx"]), top=12)
+    right.plotly_chart(profile_bars(profile), width="stretch", key="tile_profile")
+    right.caption("Top predicted genes of the tile, log1p(CP10k); red = above the slide's mean.")
+
+
+def marker_for(click, index, row) -> dict | None:
+    if not click or click.get("panel") != index:
+        return None
+    size = int(row["tile_size"])
+    return {"x": (click["x"] // size) * size, "y": (click["y"] // size) * size, "size": size}
+
+
+def single(cohort, model, slides, row, options, labels, tile_um) -> None:
+    _ui.url_seed("layer_a", "layer", options)
+    layer = pick_layer(options, labels, "layer_a", "gene:ERBB2")
+    display = display_controls(["slide", "cohort", "custom"])
+    tiles, cats = layer_of(model, cohort, row, layer, tile_um)
+    cohort_vals = None
+    if display["scope"] == "cohort" and not cats:
+        keys = [k for k in slides["run_key"] if isinstance(k, str)]
+        cohort_vals = _ui.query(slideview.cohort_values, cohort, model, keys, layer, tile_um)
+    vrange = color_range([tiles], display["scope"], display["robust"], cohort_vals, display["custom"])[0]
+    ckey = f"click_single_{row['slide_name']}"
+    click = st.session_state.get(ckey)
+    name = labels.get(layer.split("@")[0], layer.split(":", 1)[-1])
+    panels = [panel(row, tiles, cats, name, vrange, display, marker_for(click, 0, row))]
+    click = _viewer.viewer(panels, opacity=display["opacity"], key=ckey)
+    _ui.url_sync({"slide": row["slide_name"], "layer": layer.split("@")[0] if layer.startswith("sig:") else layer,
+                  "view": None, "slides": None, "layers": None, "cmap": display["cmap"], "scale": display["scope"]})
+    if click:
+        tile_details(model, row, {name: tiles}, int(click["x"]), int(click["y"]))
+    else:
+        st.caption("Scroll or pinch to zoom down to full resolution; drag to pan; click a tile for its H&E and profile.")
+    export(cohort, model, [row["slide_name"]], [layer])
+
+
+def compare_slides(cohort, model, slides, row, options, labels, tile_um) -> None:
+    predicted = [n for n, k in zip(slides["slide_name"], slides["run_key"]) if isinstance(k, str)]
+    if len(predicted) < 2:
+        st.info("Comparing needs at least two predicted slides in this cohort.")
+        return
+    _ui.url_seed("cmp_slides", "slides", predicted, multi=True)
+    if "cmp_slides" not in st.session_state:
+        st.session_state["cmp_slides"] = [row["slide_name"]] + [n for n in predicted if n != row["slide_name"]][:1]
+    chosen = st.multiselect("Slides (2–4)", predicted, key="cmp_slides", max_selections=4)
+    _ui.url_seed("layer_c", "layer", options)
+    layer = pick_layer(options, labels, "layer_c", "gene:ERBB2")
+    display = display_controls(["shown", "cohort", "custom"])
+    sync = st.toggle("Sync zoom and pan", value=True, key="sync")
+    if len(chosen) < 2:
+        st.info("Choose two to four slides.")
+        return
+    rows = [slides[slides["slide_name"] == n].iloc[0] for n in chosen]
+    frames = [layer_of(model, cohort, r, layer, tile_um) for r in rows]
+    cats = frames[0][1]
+    cohort_vals = None
+    if display["scope"] == "cohort" and not cats:
+        cohort_vals = _ui.query(slideview.cohort_values, cohort, model, [k for k in slides["run_key"] if isinstance(k, str)],
+                                layer, tile_um)
+    ranges = color_range([f[0] for f in frames], display["scope"], display["robust"], cohort_vals, display["custom"])
+    name = labels.get(layer.split("@")[0], layer.split(":", 1)[-1])
+    ckey = "click_cmp_" + "|".join(chosen)
+    click = st.session_state.get(ckey)
+    panels = [panel(r, f[0], f[1], name, rg, display, marker_for(click, i, r))
+              for i, (r, f, rg) in enumerate(zip(rows, frames, ranges))]
+    click = _viewer.viewer(panels, opacity=display["opacity"], columns=2 if len(panels) == 4 else len(panels),
+                           height=420, sync=sync, key=ckey)
+    _ui.url_sync({"view": "compare-slides", "slides": chosen, "layer": layer.split("@")[0] if layer.startswith("sig:") else layer,
+                  "slide": None, "layers": None, "cmap": display["cmap"], "scale": display["scope"]})
+    if click and 0 <= click.get("panel", -1) < len(rows):
+        i = click["panel"]
+        tile_details(model, rows[i], {name: frames[i][0]}, int(click["x"]), int(click["y"]))
+    export(cohort, model, chosen, [layer])
+
+
+def compare_layers(cohort, model, row, options, labels, tile_um) -> None:
+    pickable = [o for o in options if o != CUSTOM_SIG]
+    _ui.url_seed("cmp_layers", "layers", pickable, multi=True)
+    if "cmp_layers" not in st.session_state:
+        st.session_state["cmp_layers"] = [o for o in ("gene:ERBB2", "gene:CD8A") if o in pickable] or pickable[:2]
+    chosen = st.multiselect("Layers (2–4)", pickable, key="cmp_layers", max_selections=4,
+                            format_func=lambda o: labels.get(o, o.split(":", 1)[-1]))
+    display = display_controls(["slide", "custom"])
+    if len(chosen) < 2:
+        st.info("Choose two to four layers.")
+        return
+    frames = {labels.get(o, o.split(":", 1)[-1]): layer_of(model, cohort, row, o, tile_um) for o in chosen}
+    ranges = color_range([f[0] for f in frames.values()], display["scope"], display["robust"], None, display["custom"])
+    ckey = f"click_layers_{row['slide_name']}"
+    click = st.session_state.get(ckey)
+    panels = [panel(row, f[0], f[1], name, rg, display, marker_for(click, i, row))
+              for i, ((name, f), rg) in enumerate(zip(frames.items(), ranges))]
+    click = _viewer.viewer(panels, opacity=display["opacity"], columns=2 if len(panels) == 4 else len(panels),
+                           height=420, sync=True, key=ckey)
+    _ui.url_sync({"view": "compare-layers", "slide": row["slide_name"], "layers": chosen, "layer": None,
+                  "slides": None, "cmap": display["cmap"], "scale": display["scope"]})
+    if click:
+        tile_details(model, row, {n: f[0] for n, f in frames.items()}, int(click["x"]), int(click["y"]))
+    export(cohort, model, [row["slide_name"]], chosen)
+
+
+def export(cohort, model, slide_names, layers) -> None:
+    try:
+        from pages._export_ui import export_panel
+    except ImportError:
+        return
+    with st.expander("Export (AnnData, QuPath GeoJSON, CSV, Parquet, PNG/SVG)"):
+        export_panel(cohort, model, slide_names, [l for l in layers if l != slideview.DOMAIN_LAYER], key="slide_export")
 
 
 def tissue_preview(model: str, row) -> None:
@@ -68,6 +241,15 @@ def tissue_preview(model: str, row) -> None:
     st.image(image, caption=f"Tissue (green outline), pen ink (red), {info['n_tiles']} tiles of {tile_um:g} µm "
                             f"({info['tile_px']} px at level 0); tissue covers {info['tissue_fraction']:.0%}.",
              width="stretch")
+
+
+def has_domains(cohort, model) -> bool:
+    try:
+        from core.analysis import domains
+    except ImportError:
+        return False
+    has_fit = getattr(domains, "has_fit", None)
+    return bool(has_fit and _ui.query(has_fit, cohort, model))
 
 
 st.header("Slide")
@@ -85,18 +267,35 @@ with _ui.guard():
                                _sel=~slides["selected"].fillna(False).astype(bool))
         slides = slides.sort_values(["_p", "_ok", "_sel", "patient", "slide_name"])
         predicted = set(slides.loc[~slides["_p"], "slide_name"])
-        slide_name = st.selectbox("Slide", list(slides["slide_name"]), key="slide",
+        names = list(slides["slide_name"])
+        _ui.url_seed("slide", "slide", names)
+        c1, c2 = st.columns([3, 2])
+        slide_name = c1.selectbox("Slide", names, key="slide",
                                   format_func=lambda n: n if n in predicted else f"{n} (not predicted)")
+        _ui.url_seed("view", "view", ["slide", "compare-slides", "compare-layers"],
+                     parse=lambda v: v)
+        if st.session_state.get("view") in ("slide", "compare-slides", "compare-layers"):
+            st.session_state["view"] = VIEWS[["slide", "compare-slides", "compare-layers"].index(st.session_state["view"])]
+        default_view = {} if "view" in st.session_state else {"default": VIEWS[0]}
+        view = c2.segmented_control("View", VIEWS, key="view", **default_view) or VIEWS[0]
         row = slides[slides["slide_name"] == slide_name].iloc[0]
         if row["status"] == SlideStatus.NEEDS_MPP:
             st.warning(row["message"])
             _ui.mpp_fix_form(cohort, row["slide_name"], row["slide_path"], key="slide")
             st.stop()
-        heat_tab, mask_tab = st.tabs(["Heatmap", "Tissue mask and tile grid"])
+        heat_tab, mask_tab = st.tabs(["Viewer", "Tissue mask and tile grid"])
         with heat_tab:
-            if row["run_key"] is None or row["run_key"] != row["run_key"]:
+            if model is None or row["run_key"] is None or row["run_key"] != row["run_key"]:
                 _ui.not_predicted(cohort)
-            else:
-                heatmaps(model, row)
+            elif _viewer.available():
+                tile_um, _ = _ui.model_tiling(model)
+                nuclei = _ui.query(Store.has_nuclei, row["run_key"])
+                options, labels = layer_options(model, nuclei, has_domains(cohort, model))
+                if view == "Compare slides":
+                    compare_slides(cohort, model, slides, row, options, labels, tile_um)
+                elif view == "Compare layers":
+                    compare_layers(cohort, model, row, options, labels, tile_um)
+                else:
+                    single(cohort, model, slides, row, options, labels, tile_um)
         with mask_tab, _ui.guard():
             tissue_preview(model, row)

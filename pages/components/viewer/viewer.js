@@ -1,0 +1,171 @@
+// Tessera's deep-zoom viewer: OpenSeadragon panels (1-4) with the H&E from the tile endpoint and a
+// heatmap (or domain) overlay image aligned on the slide's tile grid. Speaks Streamlit's component
+// protocol by postMessage (no build step). Re-rendering with the same slides only swaps overlays
+// and opacity: the viewers, their zoom and their loaded tiles are kept.
+(function () {
+  "use strict";
+  const grid = document.getElementById("grid");
+  const state = { layout: null, panels: [], syncing: false, clicks: 0, args: null, overlayLoads: 0, renders: 0 };
+  window.tessera = state;   // for the browser test and the benchmark
+
+  function send(type, data) {
+    window.parent.postMessage(Object.assign({ isStreamlitMessage: true, type: type }, data), "*");
+  }
+  function setHeight() { send("streamlit:setFrameHeight", { height: document.body.scrollHeight + 4 }); }
+
+  function tileBase(args) {
+    if (args.tile_url) return args.tile_url.replace(/\/$/, "");
+    return window.location.protocol + "//" + window.location.hostname + ":" + args.tile_port;
+  }
+
+  function legendHtml(p) {
+    if (p.legend && p.legend.categories) {
+      return '<div class="chips">' + p.legend.categories.map(function (c) {
+        return '<span class="chip"><span class="sw" style="background:' + c.color + '"></span>' + escapeHtml(c.label) + "</span>";
+      }).join("") + "</div>";
+    }
+    if (!p.legend) return "";
+    const stops = p.legend.stops.map(function (c, i) { return c + " " + Math.round(100 * i / (p.legend.stops.length - 1)) + "%"; });
+    return '<div class="legend"><span>' + p.legend.min + '</span><div class="bar" style="background:linear-gradient(90deg,' +
+      stops.join(",") + ')"></div><span>' + p.legend.max + "</span></div>";
+  }
+
+  function escapeHtml(s) {
+    return String(s).replace(/[&<>"']/g, function (c) { return { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]; });
+  }
+
+  function build(args) {
+    state.panels.forEach(function (p) { p.viewer.destroy(); });
+    state.panels = [];
+    grid.innerHTML = "";
+    const n = args.panels.length;
+    grid.style.gridTemplateColumns = "repeat(" + Math.min(n, args.columns || n) + ", minmax(0, 1fr))";
+    const base = tileBase(args);
+    args.panels.forEach(function (p, i) {
+      const div = document.createElement("div");
+      div.className = "panel";
+      div.innerHTML = '<div class="title"></div><div class="osd" id="osd' + i + '" style="height:' + args.height +
+        'px"></div><div class="leg"></div><div class="caption"></div>';
+      grid.appendChild(div);
+      const viewer = OpenSeadragon({
+        element: div.querySelector(".osd"), prefixUrl: "vendor/images/",
+        // the Deep Zoom descriptor inline (saves a round trip); tiles from the endpoint
+        tileSources: { Image: { xmlns: "http://schemas.microsoft.com/deepzoom/2008", Url: base + "/dzi/" + p.token + "_files/",
+          Format: p.dzi.format, Overlap: String(p.dzi.overlap), TileSize: String(p.dzi.tile_size),
+          Size: { Width: String(p.width), Height: String(p.height) } } },
+        showNavigator: i === 0 || !args.sync, navigatorPosition: "BOTTOM_RIGHT", navigatorSizeRatio: 0.18,
+        showRotationControl: false, showFullPageControl: false, animationTime: 0.4, blendTime: 0,
+        imageSmoothingEnabled: false, maxZoomPixelRatio: 2, visibilityRatio: 0.5, immediateRender: false,
+        crossOriginPolicy: "Anonymous", gestureSettingsMouse: { clickToZoom: false },
+      });
+      const panel = { viewer: viewer, div: div, overlay: null, overlayUrl: null, marker: null, spec: p };
+      state.panels.push(panel);
+      viewer.addHandler("open", function () { state.builtAt = state.builtAt || performance.now(); update(state.args || args); });
+      viewer.addHandler("canvas-click", function (e) {
+        if (!e.quick) return;
+        const item = viewer.world.getItemAt(0);
+        if (!item) return;
+        const pt = item.viewportToImageCoordinates(viewer.viewport.pointFromPixel(e.position));
+        state.clicks += 1;
+        send("streamlit:setComponentValue", { value: { panel: i, x: Math.round(pt.x), y: Math.round(pt.y), n: state.clicks }, dataType: "json" });
+      });
+      viewer.addHandler("viewport-change", function () {
+        if (!state.args || !state.args.sync || state.syncing) return;
+        state.syncing = true;
+        const center = viewer.viewport.getCenter(), zoom = viewer.viewport.getZoom();
+        state.panels.forEach(function (q) {
+          if (q.viewer !== viewer && q.viewer.world.getItemCount()) {
+            q.viewer.viewport.zoomTo(zoom, null, true);
+            q.viewer.viewport.panTo(center, true);
+          }
+        });
+        state.syncing = false;
+      });
+    });
+  }
+
+  function update(args) {
+    state.args = args;
+    state.renders += 1;
+    args.panels.forEach(function (p, i) {
+      const panel = state.panels[i];
+      if (!panel) return;
+      panel.spec = p;
+      panel.div.querySelector(".title").textContent = p.title || "";
+      panel.div.querySelector(".leg").innerHTML = legendHtml(p);
+      panel.div.querySelector(".caption").textContent = p.caption || "";
+      const viewer = panel.viewer;
+      const slide = viewer.world.getItemAt(0);
+      if (!slide) return;    // not open yet: the "open" handler calls update again
+      const width = (p.overlay && p.overlay.width_px) ? p.overlay.width_px / p.width : 1;
+      if (p.overlay && p.overlay.url !== panel.overlayUrl) {
+        const old = panel.overlay;
+        panel.overlayUrl = p.overlay.url;
+        viewer.addTiledImage({
+          tileSource: { type: "image", url: p.overlay.url, buildPyramid: false },
+          x: 0, y: 0, width: width, opacity: args.opacity,
+          success: function (ev) {
+            panel.overlay = ev.item;
+            if (old) viewer.world.removeItem(old);
+            ev.item.setOpacity(state.args.opacity);
+            state.overlayLoads += 1;
+          },
+        });
+      } else if (!p.overlay && panel.overlay) {
+        viewer.world.removeItem(panel.overlay); panel.overlay = null; panel.overlayUrl = null;
+      }
+      if (panel.overlay) panel.overlay.setOpacity(args.opacity);
+      if (panel.marker) { viewer.removeOverlay(panel.marker); panel.marker = null; }
+      if (p.marker) {
+        const el = document.createElement("div");
+        el.className = "marker";
+        const r = slide.imageToViewportRectangle(p.marker.x, p.marker.y, p.marker.size, p.marker.size);
+        viewer.addOverlay({ element: el, location: r });
+        panel.marker = el;
+      }
+    });
+    setHeight();
+  }
+
+  // resolves when every image of every panel has drawn all the tiles it wants at the current view
+  state.whenLoaded = function () {
+    return new Promise(function (resolve) {
+      function check() {
+        const ok = state.panels.length && state.panels.every(function (p) {
+          const w = p.viewer.world;
+          if (!w.getItemCount()) return false;
+          for (let k = 0; k < w.getItemCount(); k++) { if (!w.getItemAt(k).getFullyLoaded()) return false; }
+          return true;
+        });
+        if (ok) resolve(performance.now()); else requestAnimationFrame(check);
+      }
+      // two frames first: OpenSeadragon decides which tiles a new view needs in its next update
+      requestAnimationFrame(function () { requestAnimationFrame(check); });
+    });
+  };
+  // zoom (factor > 1 in) or pan (dx, dy in viewport widths) without animation; resolves with ms to fully loaded
+  state.move = function (factor, dx, dy) {
+    const t0 = performance.now();
+    const v = state.panels[0].viewer.viewport;
+    if (factor && factor !== 1) v.zoomBy(factor, null, true);
+    if (dx || dy) v.panBy(new OpenSeadragon.Point(dx || 0, dy || 0), true);
+    v.applyConstraints(true);
+    return state.whenLoaded().then(function (t1) { return t1 - t0; });
+  };
+
+  window.addEventListener("message", function (event) {
+    const msg = event.data;
+    if (!msg || msg.type !== "streamlit:render") return;
+    const args = msg.args || {};
+    if (typeof OpenSeadragon === "undefined") {
+      grid.innerHTML = '<div class="missing">The viewer library (OpenSeadragon) is not installed on this server: run <code>make setup</code>.</div>';
+      setHeight();
+      return;
+    }
+    const layout = JSON.stringify([args.panels.map(function (p) { return p.token; }), args.columns, args.height, args.sync]);
+    if (layout !== state.layout) { state.layout = layout; build(args); }
+    update(args);
+  });
+  send("streamlit:componentReady", { apiVersion: 1 });
+  setHeight();
+})();
