@@ -48,6 +48,7 @@ bench: setup
 	$(PY) -m benchmarks.layout_bench
 	$(PY) -m benchmarks.survival_bench
 	$(PY) -m benchmarks.load_bench
+	$(PY) -m benchmarks.viewer_bench
 	$(PY) -m benchmarks.foundation_bench
 
 clean-demo:

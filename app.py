@@ -10,6 +10,7 @@ PAGES = [
     st.Page("pages/crossmodal.py", title="Cross-modal", icon=":material/sync_alt:"),
     st.Page("pages/survival.py", title="Survival", icon=":material/monitoring:"),
     st.Page("pages/associations.py", title="Associations", icon=":material/scatter_plot:"),
+    st.Page("pages/measured.py", title="Measured vs predicted", icon=":material/compare:"),
     st.Page("pages/predictions.py", title="Predictions", icon=":material/play_circle:"),
     st.Page("pages/importer.py", title="Import", icon=":material/upload_file:"),
 ]

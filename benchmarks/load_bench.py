@@ -44,7 +44,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 VIEWS = ("/slide", "/survival", "/crossmodal")
 # what proves each view rendered: its first plot / image, visible (hidden tabs do not count)
 READY = {
-    "/slide": ".js-plotly-plot:visible",
+    "/slide": "iframe[src*='tessera_viewer']:visible",
     "/survival": ".js-plotly-plot:visible",
     "/crossmodal": "[data-testid='stImage']:visible",
 }

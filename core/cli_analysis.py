@@ -1,4 +1,5 @@
-"""CLI commands for cohort analyses: ``survival km|screen|cox``, ``associate``, ``validate``, ``export``.
+"""CLI commands for cohort analyses: ``survival km|screen|cox``, ``associate``, ``validate`` (the cohort
+table's ``export`` lives in :mod:`core.cli_export`, ``--format table``).
 
 Each command calls the same function as the page (:mod:`core.analysis.cohort_stats`) and, with
 ``--json FILE`` (``-`` = stdout), writes the result as strict JSON. ``VAR`` is ``clinical:<column>``,
@@ -155,18 +156,6 @@ def cmd_validate(args) -> int:
     return _emit(args, payload, text)
 
 
-def cmd_export(args) -> int:
-    from core.analysis.cohort_stats import cohort_table
-    from core.analysis.report import write_table
-
-    specs = [s.strip() for s in (args.variables or "").split(";") if s.strip()]
-    with _open(args) as store:
-        table = cohort_table(store, args.cohort, specs, model_key=_model_key(store, args), stat=args.stat)
-    fmt = write_table(table, args.out)
-    print(f"written {args.out} ({fmt}): {len(table)} patients × {table.shape[1]} columns")
-    return 0
-
-
 def _common(p: argparse.ArgumentParser, *, endpoint: bool = True) -> None:
     p.add_argument("--cohort", required=True)
     p.add_argument("--store", type=Path, default=None)
@@ -215,8 +204,3 @@ def add_analysis_commands(sub) -> None:
     v.add_argument("--top", type=int, default=20)
     v.set_defaults(func=cmd_validate)
 
-    e = sub.add_parser("export", help="the cohort table (patients × clinical × chosen biomarkers)")
-    _common(e, endpoint=False)
-    e.add_argument("--variables", default="", help="VARs separated by ';' (e.g. 'CD8A;signature:cytolytic')")
-    e.add_argument("--out", type=Path, required=True, help=".csv, .xlsx or .parquet")
-    e.set_defaults(func=cmd_export)

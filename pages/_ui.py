@@ -250,9 +250,12 @@ def _through_router() -> None:
     ``st.navigation``): switch the legacy mode off and rerun, so ``app.py`` routes the same URL."""
     from streamlit.runtime.pages_manager import PagesManager
 
+    first = not st.session_state.get("_routed")
+    st.session_state["_routed"] = True
     if PagesManager.uses_pages_directory:
         PagesManager.uses_pages_directory = False
-        st.rerun()
+        if first:   # only a session's first run: a later run may carry a click that a rerun would drop
+            st.rerun()
 
 
 def _keep(key: str, options: list) -> None:
@@ -310,20 +313,56 @@ def guard():
         st.error(md_escape(f"Something went wrong: {type(exc).__name__}: {exc}. The details are in the server log."))
 
 
-VARIABLE_KINDS = {"Predicted gene": "predicted", "Signature": "signature", "Clinical column": "clinical",
-                  "Measured gene": "measured"}
+VARIABLE_KINDS = {"Predicted gene": "predicted", "Signature": "signature", "Spatial domain (fraction of tiles)": "domain",
+                  "Clinical column": "clinical", "Measured gene": "measured"}
 
 
 def variable_picker(cohort: str, model: str | None, key: str, *, label: str = "Variable",
                     default_gene: str = "CD8A", kinds: tuple[str, ...] = tuple(VARIABLE_KINDS)) -> str | None:
     """A variable of any source as its CLI name (``CD8A``, ``signature:…``, ``clinical:…``, ``measured:…``).
 
-    Sources with nothing to offer (no model, no measured matrix) are not listed."""
+    Sources with nothing to offer (no model, no measured matrix) are not listed. The link's
+    ``?<key>=<CLI name>`` chooses it, and the choice is written back there."""
+    spec = _variable_picker(cohort, model, key, label=label, default_gene=default_gene, kinds=kinds)
+    url_sync({key: spec})
+    return spec
+
+
+def _seed_variable(key: str, offered: dict, panel: list, measured: list, clinical: dict, titles: dict) -> None:
+    """The picker's widgets from the link's ``?<key>=``, on the session's first run of the page."""
+    from core.analysis.signatures import library
+
+    seeded = st.session_state.setdefault("_url_seeded", set())
+    if ("variable", key) in seeded:
+        return
+    seeded.add(("variable", key))
+    raw = st.query_params.get(key)
+    if not raw:
+        return
+    source, sep, what = str(raw).partition(":")
+    source, what = (source, what) if sep else ("predicted", source)
+    kind = {v: k for k, v in offered.items()}.get(source)
+    widget, ok = {"predicted": (f"{key}_gene", what in panel), "measured": (f"{key}_meas", what in measured),
+                  "clinical": (f"{key}_clin", what in clinical),
+                  "signature": (f"{key}_sig", what in library()),
+                  "domain": (f"{key}_dom", what in titles)}.get(source, (None, False))
+    if kind is None or not ok:
+        notice(f"The link's {key}={raw} is not available here; showing the default instead.")
+        return
+    st.session_state[f"{key}_kind"] = kind
+    st.session_state[widget] = what
+
+
+def _variable_picker(cohort: str, model: str | None, key: str, *, label: str, default_gene: str,
+                     kinds: tuple[str, ...]) -> str | None:
     from core.analysis.cohort_stats import usable_clinical
     from core.analysis.signatures import library
 
+    from core.analysis.domains import domain_titles
+
     offered = {}
     panel = genes(model) if model else []
+    titles = dict(query(domain_titles, cohort, model)) if model else {}
     measured = query(Store.measured_genes, cohort)
     clinical = query(usable_clinical, cohort)
     for name in kinds:
@@ -332,15 +371,19 @@ def variable_picker(cohort: str, model: str | None, key: str, *, label: str = "V
             continue
         if source == "measured" and not measured:
             continue
+        if source == "domain" and not titles:
+            continue
         offered[name] = source
     if not offered:
         st.info("Nothing to analyse yet: predict the cohort's slides, or import measured expression.")
         return None
+    _seed_variable(key, offered, panel, measured, clinical, titles)
     c1, c2 = st.columns([1, 2])
     kind = offered[c1.selectbox(f"{label}: source", list(offered), key=f"{key}_kind")]
     if kind == "predicted":
-        gene = c2.selectbox(label, panel, index=panel.index(default_gene) if default_gene in panel else 0,
-                            key=f"{key}_gene")
+        start = {} if f"{key}_gene" in st.session_state else {
+            "index": panel.index(default_gene) if default_gene in panel else 0}
+        gene = c2.selectbox(label, panel, key=f"{key}_gene", **start)
         return gene
     if kind == "signature":
         names = [n for n, g in library().items() if len(set(g) & set(panel)) >= 1] + ["custom…"]
@@ -353,13 +396,19 @@ def variable_picker(cohort: str, model: str | None, key: str, *, label: str = "V
             text = st.text_input("Genes (comma-separated)", key=f"{key}_sig_genes", value="CD8A, GZMB, PRF1")
             return "signature:" + ",".join(parse_signature(text, panel))
         return f"signature:{choice}"
+    if kind == "domain":
+        label_of = c2.selectbox(label, list(titles), key=f"{key}_dom", format_func=lambda d: titles[d],
+                                help="The fraction of the patient's tiles in this spatial domain (the cohort's "
+                                     "domains: Slide page → Spatial domains).")
+        return f"domain:{label_of}"
     if kind == "clinical":
         cols = list(clinical)
         column = c2.selectbox(label, cols, key=f"{key}_clin",
                               format_func=lambda c: f"{c} ({clinical[c]})")
         return f"clinical:{column}" if column else None
-    gene = c2.selectbox(label, measured, index=measured.index(default_gene) if default_gene in measured else 0,
-                        key=f"{key}_meas")
+    start = {} if f"{key}_meas" in st.session_state else {
+        "index": measured.index(default_gene) if default_gene in measured else 0}
+    gene = c2.selectbox(label, measured, key=f"{key}_meas", **start)
     return f"measured:{gene}"
 
 

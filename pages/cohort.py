@@ -43,6 +43,11 @@ with _ui.guard():
         st.download_button("Export CSV", shown.drop(columns=["slide_path", "fingerprint", "run_key"],
                                                     errors="ignore").to_csv(index=False),
                            file_name=f"tessera_{cohort}_cohort.csv", mime="text/csv", key="export_csv")
+        if model is not None and bool(runs["run_key"].notna().any()):
+            from pages._export_ui import export_panel
+
+            with st.expander("Export the predictions of every predicted slide (AnnData, QuPath GeoJSON, CSV, Parquet)"):
+                export_panel(cohort, model, [], [], key="cohort_export")
 
         multi = runs[runs["patient"].notna()].groupby("patient")["slide_name"].count()
         multi = sorted(multi[multi > 1].index)

@@ -1,9 +1,9 @@
-"""Cross-modal: gene → the tiles that express it most; tile → its predicted profile and look-alikes."""
+"""Cross-modal: gene or signature → the tiles that score highest; tile → its predicted profile and look-alikes."""
 import streamlit as st
 
 from core.analysis import crossmodal
-from core.analysis.maps import parse_signature
 from core.analysis.plots import profile_bars
+from core.safety import md_escape
 from core.store.db import Store
 from core.vocab import MPP_MAX, MPP_MIN
 from pages import _ui
@@ -15,6 +15,50 @@ def gallery(df, caption_col: str, n_cols: int = 6) -> None:
         img = _ui.tile_image(row.slide_path, row.x, row.y, row.tile_size)
         cols[i % n_cols].image(img, caption=f"{row.slide_name[:12]} · {getattr(row, caption_col):.2f}",
                                width="stretch")
+
+
+def signature_query(cohort: str, model: str, genes: list[str], run_keys: tuple) -> None:
+    """Gene, library signature or typed genes → the top tiles across the cohort (typed text wins,
+    then the library choice, then the gene), scored by the chosen method."""
+    from core.analysis.signature_scores import DEFAULT_METHOD, METHODS
+    from core.analysis.signatures import SIGNATURES, available
+
+    names = available(genes)
+    c1, c2, c3 = st.columns([2, 2, 1])
+    _ui.url_seed("xm_gene", "gene", genes)
+    _ui.url_seed("xm_lib", "signature", names)
+    _ui.url_seed("xm_method", "method", list(METHODS))
+    start = {} if "xm_gene" in st.session_state else {"index": genes.index("CD8A") if "CD8A" in genes else 0}
+    gene = c1.selectbox("Gene", genes, key="xm_gene", **start)
+    library = c2.selectbox("…or a library signature", ["—"] + names, key="xm_lib",
+                           format_func=lambda n: n if n == "—" else f"{n} · {SIGNATURES[n].description}")
+    k = c3.slider("Tiles", 6, 48, 24, 6, key="xm_k")
+    c4, c5 = st.columns([3, 2])
+    typed = c4.text_input("…or type a signature (genes separated by commas, or a library name)", key="xm_sig")
+    start = {} if "xm_method" in st.session_state else {"index": list(METHODS).index(DEFAULT_METHOD)}
+    method = c5.selectbox("Signature score", list(METHODS), key="xm_method",
+                          help="; ".join(f"{m}: {d}" for m, d in METHODS.items()), **start)
+    spec = typed.strip() or (library if library != "—" else "")
+    _ui.url_sync({"gene": gene, "signature": library if library != "—" else None,
+                  "method": method if spec else None})
+    if not spec:
+        top = _ui.query(crossmodal.top_tiles, model, [gene], list(run_keys), k)
+        st.caption(f"The {len(top)} tiles across {len(run_keys)} slides with the highest predicted {gene}.")
+    else:
+        top, scoring = _ui.query(crossmodal.signature_top_tiles, model, spec, list(run_keys), k, method=method)
+        if scoring.notice:
+            st.info(md_escape(scoring.notice))
+        source = "" if not scoring.signature.is_library else f" Source: {scoring.signature.source}."
+        st.caption(md_escape(f"The {len(top)} tiles across {len(run_keys)} slides with the highest {scoring.name} "
+                             f"score by {scoring.describe()}. Reference: {scoring.n_tiles} tiles of "
+                             f"{scoring.n_runs} slides.{source}"))
+        if st.toggle("Per-slide mean and 90th percentile", key="xm_per_slide",
+                     help="The table `python -m core.cli signatures score` prints."):
+            from core.analysis.signature_scores import slide_scores
+
+            table, _ = _ui.query(slide_scores, cohort, model, spec, method)
+            st.dataframe(table, hide_index=True, width="stretch", key="xm_slide_scores")
+    gallery(top, "value")
 
 
 def patch_query(model_key: str, run_keys: tuple):
@@ -51,18 +95,8 @@ with _ui.guard():
         run_keys = tuple(runs["run_key"])
         genes = _ui.genes(model)
         to_tiles, to_genes = st.tabs(["Gene → morphology", "Tile → genes"])
-        with to_tiles:
-            c1, c2, c3 = st.columns([2, 2, 1])
-            gene = c1.selectbox("Gene", genes, index=genes.index("CD8A") if "CD8A" in genes else 0, key="xm_gene")
-            signature = c2.text_input("…or a signature (genes separated by commas)", key="xm_sig",
-                                      help="Tiles ranked by the mean predicted log1p(CP10k) of these genes.")
-            k = c3.slider("Tiles", 6, 48, 24, 6, key="xm_k")
-            query_genes = parse_signature(signature, genes) if signature.strip() else [gene]
-            what = ", ".join(query_genes) if len(query_genes) > 1 else query_genes[0]
-            top = _ui.query(crossmodal.top_tiles, model, query_genes, list(run_keys), k)
-            st.caption(f"The {len(top)} tiles across {len(run_keys)} slides with the highest predicted "
-                       + (f"mean of {what}." if len(query_genes) > 1 else f"{what}."))
-            gallery(top, "value")
+        with to_tiles, _ui.guard():          # a bad signature fails this tab with its message, not the page
+            signature_query(cohort, model, genes, run_keys)
         with to_genes:
             source = st.radio("Query", ["A tile of a slide", "An uploaded image patch"], horizontal=True,
                               key="xm_source")

@@ -42,10 +42,13 @@ def pick_layer(options, labels, key: str, default: str) -> str:
                              help="Gene symbols of the model's panel, separated by commas.")
         choice = "sig:" + ",".join(t.strip() for t in text.replace(";", ",").split(",") if t.strip())
     if choice.startswith("sig:"):
+        _ui.url_seed(f"{key}_method", "method", ["score_genes", "mean_z"])
         method = c2.selectbox("Scoring", ["score_genes", "mean_z"], key=f"{key}_method",
                               help="score_genes: mean of the set minus the mean of expression-matched control "
-                                   "genes (scanpy). mean_z: mean of the genes z-scored over the cohort's tiles.")
+                                   "genes (scanpy). mean_z: mean of the genes, each z-scored over the tiles of "
+                                   "every slide this model predicted.")
         choice = f"{choice}@{method}"
+    _ui.url_sync({"method": method if choice.startswith("sig:") else None})
     return choice
 
 
@@ -140,7 +143,9 @@ def single(cohort, model, slides, row, options, labels, tile_um) -> None:
     _ui.url_seed("layer_a", "layer", options)
     layer = pick_layer(options, labels, "layer_a", "gene:ERBB2")
     display = display_controls(["slide", "cohort", "custom"])
-    tiles, cats = layer_of(model, cohort, row, layer, tile_um)
+    tiles, cats, note = layer_of(model, cohort, row, layer, tile_um)
+    if note:
+        st.caption(note)
     cohort_vals = None
     if display["scope"] == "cohort" and not cats:
         keys = [k for k in slides["run_key"] if isinstance(k, str)]
@@ -179,6 +184,8 @@ def compare_slides(cohort, model, slides, row, options, labels, tile_um) -> None
     rows = [slides[slides["slide_name"] == n].iloc[0] for n in chosen]
     frames = [layer_of(model, cohort, r, layer, tile_um) for r in rows]
     cats = frames[0][1]
+    if frames[0][2]:
+        st.caption(frames[0][2])
     cohort_vals = None
     if display["scope"] == "cohort" and not cats:
         cohort_vals = _ui.query(slideview.cohort_values, cohort, model, [k for k in slides["run_key"] if isinstance(k, str)],
@@ -244,12 +251,40 @@ def tissue_preview(model: str, row) -> None:
 
 
 def has_domains(cohort, model) -> bool:
-    try:
-        from core.analysis import domains
-    except ImportError:
-        return False
-    has_fit = getattr(domains, "has_fit", None)
-    return bool(has_fit and _ui.query(has_fit, cohort, model))
+    from core.analysis import domains
+
+    return bool(_ui.query(domains.has_fit, cohort, model))
+
+
+def domain_panel(cohort: str, model: str, fitted: bool) -> None:
+    """The cohort's spatial domains: what each is (share, markers, composition), or a fit."""
+    from core.analysis import domains
+
+    with st.expander("Spatial domains of the cohort" + ("" if fitted else " (not fitted yet)"), expanded=False):
+        if fitted:
+            fit = _ui.query(domains.load_fit, cohort, model, sample=False)
+            st.caption(f"{len(fit.labels)} domains, {fit.method} on a sample of the tiles of {len(fit.run_keys)} "
+                       f"slides (fitted {fit.fitted_at}); every tile is assigned to the nearest domain centre, so a "
+                       "domain means the same on every slide. Per-patient fractions are biomarkers "
+                       "(`domain:D1` … on the Survival and Associations pages).")
+            cols = [c for c in ("title", "share", "n_tiles") if c in fit.domains.columns]
+            st.dataframe(fit.domains[cols], hide_index=True, width="stretch", key="dom_table")
+            st.caption("Mean cell-type composition per domain (the model's estimate):")
+            st.dataframe(fit.composition.style.format("{:.2f}").background_gradient(axis=None, cmap="Blues"),
+                         width="stretch", key="dom_comp")
+            st.dataframe(fit.markers, hide_index=True, width="stretch", key="dom_markers")
+        else:
+            st.caption("Cluster the predicted expression of tiles from every slide of the cohort (Leiden on "
+                       "expression plus its neighbourhood, BANKSY-style); then show them as a layer here. Also "
+                       f"`python -m core.cli domains fit --cohort {cohort}`.")
+        if st.button("Fit domains" if not fitted else "Refit domains", key="dom_fit",
+                     disabled=_ui.role() != "operator", help="Operators only, when login is on."):
+            with st.spinner("Fitting domains on a sample of the cohort's tiles…"):
+                fit = _ui.query(domains.fit_domains, cohort, model, save=False)   # read-only: no lock held
+                with _ui.write_store() as store:
+                    domains.save_fit(store, fit)
+            st.session_state["flash"] = f"{len(fit.labels)} spatial domains fitted for {cohort}."
+            st.rerun()
 
 
 st.header("Slide")
@@ -284,18 +319,20 @@ with _ui.guard():
             _ui.mpp_fix_form(cohort, row["slide_name"], row["slide_path"], key="slide")
             st.stop()
         heat_tab, mask_tab = st.tabs(["Viewer", "Tissue mask and tile grid"])
-        with heat_tab:
+        with heat_tab, _ui.guard():
             if model is None or row["run_key"] is None or row["run_key"] != row["run_key"]:
                 _ui.not_predicted(cohort)
             elif _viewer.available():
                 tile_um, _ = _ui.model_tiling(model)
                 nuclei = _ui.query(Store.has_nuclei, row["run_key"])
-                options, labels = layer_options(model, nuclei, has_domains(cohort, model))
+                fitted = has_domains(cohort, model)
+                options, labels = layer_options(model, nuclei, fitted)
                 if view == "Compare slides":
                     compare_slides(cohort, model, slides, row, options, labels, tile_um)
                 elif view == "Compare layers":
                     compare_layers(cohort, model, row, options, labels, tile_um)
                 else:
                     single(cohort, model, slides, row, options, labels, tile_um)
+                domain_panel(cohort, model, fitted)
         with mask_tab, _ui.guard():
             tissue_preview(model, row)

@@ -369,7 +369,7 @@ def cohort_table(store, cohort: str, specs: list[str], *, model_key: str | None 
         variable, values = resolve(store, cohort, spec, model_key=model_key, stat=stat)
         if variable.source == "clinical":
             continue
-        name = variable.spec if variable.source == "measured" else f"{variable.spec} (predicted {stat})"
+        name = variable.spec if variable.source in ("measured", "domain") else f"{variable.spec} (predicted {stat})"
         out[name] = values.reindex(out.index)
     return out.rename_axis("bcr_patient_barcode").reset_index()
 

@@ -1,11 +1,17 @@
-"""Image ↔ gene queries over the store: top tiles for a gene, a tile's profile, similar tiles."""
+"""Image ↔ gene queries over the store: top tiles for a gene or a signature score, a tile's
+profile, similar tiles."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from core.errors import TesseraError
 from core.wsi.slide import Slide
+
+if TYPE_CHECKING:
+    from core.analysis.signature_scores import Scoring
 
 MIN_PATCH_SHARE = 0.5   # an uploaded patch must cover at least half the model's tile width
 
@@ -14,6 +20,19 @@ def top_tiles(store, model_key: str, gene: str | list[str], run_keys: list[str],
     """The ``k`` tiles across the given runs with the highest predicted ``gene`` (or mean of a
     signature's genes)."""
     return store.top_tiles(model_key, gene, run_keys, k)
+
+
+def signature_top_tiles(store, model_key: str, spec: str, run_keys: list[str], k: int = 24, *,
+                        method: str = "score_genes") -> tuple[pd.DataFrame, Scoring]:
+    """The ``k`` tiles across the given runs with the highest score of signature ``spec`` (a
+    library name or typed genes) by ``method`` (:mod:`core.analysis.signature_scores`: the same
+    linear score on every slide, ranked in SQL). Returns (tiles, the scoring: name, genes used,
+    missing-gene notice, method description)."""
+    from core.analysis.signature_scores import signature_scoring
+
+    scoring = signature_scoring(store, model_key, spec, method)
+    top = store.top_tiles(model_key, dict(scoring.weights), run_keys, k, offset=scoring.offset)
+    return top, scoring
 
 
 def tile_image(slide_path: str, x: int, y: int, size_level0: int, out_px: int = 224) -> np.ndarray:

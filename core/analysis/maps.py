@@ -1,8 +1,18 @@
-"""What a slide heatmap can show: a predicted gene, a signature (mean of several predicted genes,
-log1p(CP10k)), or the density of one class of nuclei counted by the engine (``predict --nuclei``).
+"""What a slide heatmap can show: a predicted gene, a signature score, or the density of one
+class of nuclei counted by the engine (``predict --nuclei``).
 
-Layers are strings so that pages can cache them: ``gene:ERBB2``, ``sig:CD8A,CD3E,GZMB``,
-``nuclei:inflammatory`` or ``nuclei:all``.
+Layers are strings so that pages can cache them::
+
+    gene:<SYMBOL>                      gene:ERBB2
+    sig:<signature>[@<method>]         sig:LumA_SC   sig:pam50_proliferation@mean_z   sig:CD8A,CD3E,GZMB
+    nuclei:<class> | nuclei:all        nuclei:inflammatory
+
+``<signature>`` is a library name (:mod:`core.analysis.signatures`, matched ignoring case) or gene
+symbols separated by commas; ``<method>`` is ``score_genes`` (the default) or ``mean_z``
+(:mod:`core.analysis.signature_scores`: a fixed linear combination of the predicted
+log1p(CP10k), the same on every slide). ``@`` never occurs in a gene symbol, so the last ``@``
+splits the method off. Before signature scoring a ``sig:`` layer was the plain mean of its genes;
+the default is now ``score_genes``.
 """
 from __future__ import annotations
 
@@ -28,19 +38,46 @@ def parse_signature(text: str, panel: list[str]) -> list[str]:
     return list(dict.fromkeys(by_upper[t.upper()] for t in wanted))
 
 
+def split_sig(what: str) -> tuple[str, str]:
+    """``LumA_SC@mean_z`` → (``LumA_SC``, ``mean_z``); no ``@`` → the default method."""
+    from core.analysis.signature_scores import DEFAULT_METHOD, check_method
+
+    spec, sep, method = what.rpartition("@")
+    return (spec, check_method(method.strip())) if sep else (what, DEFAULT_METHOD)
+
+
 def layer_title(layer: str) -> str:
+    """What a layer shows, naming a signature's set and scoring method."""
+    from core.analysis.signatures import lookup
+
     kind, _, what = layer.partition(":")
-    return {"gene": what, "sig": f"signature ({what.replace(',', ', ')})",
-            "nuclei": f"{what} nuclei / mm²"}.get(kind, layer)
+    if kind == "sig":
+        try:
+            spec, method = split_sig(what)
+        except TesseraError:
+            return layer
+        name = lookup(spec)
+        if name is not None:
+            return f"{name} signature by {method}"
+        genes = [g for g in re.split(r"[\s,;]+", spec) if g]
+        return f"signature ({', '.join(genes)}) by {method}"
+    return {"gene": what, "nuclei": f"{what} nuclei / mm²"}.get(kind, layer)
 
 
 def layer_tiles(store, model_key: str, run_key: str, layer: str, tile_um: float) -> pd.DataFrame:
-    """tile_idx, x, y, value of a layer on one slide."""
+    """tile_idx, x, y, value of a layer on one slide. A signature layer's frame carries
+    ``attrs`` notice (library genes missing from the panel, or None), description and method."""
     kind, _, what = layer.partition(":")
     if kind == "gene":
         return store.heatmap(model_key, run_key, what)
     if kind == "sig":
-        return store.heatmap(model_key, run_key, what.split(","))
+        from core.analysis.signature_scores import signature_scoring, tile_scores
+
+        spec, method = split_sig(what)
+        scoring = signature_scoring(store, model_key, spec, method)
+        tiles = tile_scores(store, model_key, run_key, scoring)
+        tiles.attrs.update(notice=scoring.notice, description=scoring.describe(), method=method)
+        return tiles
     if kind == "nuclei":
         nuc = store.tile_nuclei(run_key)
         if nuc is None:

@@ -94,8 +94,10 @@ def tile_at(tiles: pd.DataFrame, x: float, y: float, tile_size: int) -> pd.Serie
 DOMAIN_LAYER = "domain"
 
 
-def layer_frame(store, cohort: str, model_key: str, run_key: str, layer: str, tile_um: float) -> tuple[pd.DataFrame, list[str] | None]:
-    """(tiles with tile_idx, x, y, tissue, value; category labels or None) of one layer on one slide.
+def layer_frame(store, cohort: str, model_key: str, run_key: str, layer: str, tile_um: float
+                ) -> tuple[pd.DataFrame, list[str] | None, str | None]:
+    """(tiles with tile_idx, x, y, tissue, value; category labels or None; a notice or None, e.g. the
+    genes of a signature that the panel lacks) of one layer on one slide.
 
     ``layer`` is a :mod:`core.analysis.maps` layer (``gene:``, ``sig:``, ``nuclei:``) or
     ``domain``: the cohort's spatial domains (:mod:`core.analysis.domains`), coded 0..k-1 in the
@@ -104,7 +106,7 @@ def layer_frame(store, cohort: str, model_key: str, run_key: str, layer: str, ti
     from core.errors import TesseraError
 
     tiles, _, _ = store.run_expression(model_key, run_key, [])
-    labels = None
+    labels, notice = None, None
     if layer == DOMAIN_LAYER:
         from core.analysis import domains
 
@@ -112,13 +114,15 @@ def layer_frame(store, cohort: str, model_key: str, run_key: str, layer: str, ti
         if assigned is None:
             raise TesseraError("This cohort has no spatial domains for this model yet: fit them with "
                                f"`python -m core.cli domains fit --cohort {cohort}` (or the button below).")
-        labels = list(domains.domain_labels(store, cohort, model_key))
-        code = {lab: i for i, lab in enumerate(labels)}
+        titles = domains.domain_titles(store, cohort, model_key)
+        code = {lab: i for i, (lab, _) in enumerate(titles)}
+        labels = [title for _, title in titles]
         values = tiles.assign(value=[code.get(a, np.nan) for a in assigned])
     else:
         values = layer_tiles(store, model_key, run_key, layer, tile_um)
+        notice = values.attrs.get("notice") or None
         values = tiles[["tile_idx", "tissue"]].merge(values, on="tile_idx", how="right")
-    return values[["tile_idx", "x", "y", "tissue", "value"]], labels
+    return values[["tile_idx", "x", "y", "tissue", "value"]], labels, notice
 
 
 def cohort_values(store, cohort: str, model_key: str, run_keys: list[str], layer: str, tile_um: float) -> np.ndarray:

@@ -11,7 +11,10 @@ A variable is named by a string that the CLI and the pages share:
   score on log expression);
 - ``clinical:<column>``: a column of the imported clinical table (numeric columns are continuous,
   others categorical);
-- ``measured:<gene>``: a gene of the measured expression matrix imported for the cohort.
+- ``measured:<gene>``: a gene of the measured expression matrix imported for the cohort;
+- ``domain:<Dk or name>``: the fraction of the patient's tiles in a spatial domain of the cohort's
+  domain fit for the model (:func:`core.analysis.domains.domain_fraction`; e.g. ``domain:D3`` or
+  ``domain:tumour–immune``), per patient by the same patient rule.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from core.analysis.biomarkers import STATS, patient_matrix
 from core.errors import AnalysisError
 from core.vocab import ENDPOINTS
 
-SOURCES = ("predicted", "signature", "clinical", "measured")
+SOURCES = ("predicted", "signature", "clinical", "measured", "domain")
 # Columns of the normalised clinical table that are not variables (ids and the endpoints).
 _NOT_VARIABLES = {"bcr_patient_barcode", *ENDPOINTS, *(f"{e}.time" for e in ENDPOINTS)}
 
@@ -43,6 +46,8 @@ class Variable:
             return f"{self.name} (predicted)"
         if self.source == "signature":
             return f"{self.name} signature (predicted)"
+        if self.source == "domain":
+            return f"{self.name} (domain fraction)"
         return f"{self.name} ({self.source})"
 
     @property
@@ -53,8 +58,9 @@ class Variable:
 
 
 def parse_variable(text: str, *, panel: list[str] | None = None, signatures: dict[str, list[str]] | None = None) -> Variable:
-    """``clinical:<col>``, ``measured:<gene>``, ``signature:<name or g1,g2>``, ``predicted:<gene>`` or a bare
-    gene symbol (predicted). Gene symbols are matched to ``panel`` ignoring case when it is given."""
+    """``clinical:<col>``, ``measured:<gene>``, ``signature:<name or g1,g2>``, ``domain:<Dk or name>``,
+    ``predicted:<gene>`` or a bare gene symbol (predicted). Gene symbols are matched to ``panel``
+    ignoring case when it is given."""
     text = (text or "").strip()
     if not text:
         raise AnalysisError("Name a variable: a predicted gene (e.g. CD8A), signature:<name or genes>, "
@@ -145,6 +151,12 @@ def variable_values(store, cohort: str, variable: Variable, *, model_key: str | 
                                 "(python -m core.cli measured --cohort N --matrix FILE, or on the Import page).")
         gene = _match_gene(variable.name, genes, what="the cohort's measured matrix")
         out = store.measured(cohort, [gene])[gene]
+    elif variable.source == "domain":
+        from core.analysis.domains import domain_fraction
+
+        if model_key is None:
+            raise AnalysisError("Domain fractions need the model whose domains were fitted; choose one (--model).")
+        out = domain_fraction(store, cohort, model_key, variable.name)
     else:
         if model_key is None:
             raise AnalysisError("Predicted variables need a model; choose one (--model).")

@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow as pa
 
 from core.errors import StoreBusyError, StoreError
+from core.store.domain_tables import DomainTables
 from core.store.queries import StoreQueries
 from core.store.schema import (_PRED_KEYS, SCHEMA_VERSION, SLIDE_COLUMNS, SUMMARY_COLUMNS, ModelInfo,  # noqa: F401
                                RunRecord, check_version, ident, list_array, migrate)
@@ -54,7 +55,7 @@ def cohort_table_name(name: str) -> str:
     return f"clinical_{slug(name)[:40]}_{hashlib.blake2b(name.encode(), digest_size=4).hexdigest()}"
 
 
-class Store(StoreQueries):
+class Store(StoreQueries, DomainTables):
     """A DuckDB file holding cohorts, predictions and summaries; use as a context manager."""
 
     def __init__(self, path: str | Path, *, read_only: bool = False, wait_s: float = 2.0,

@@ -43,10 +43,11 @@ class StoreQueries:
             raise StoreError(f"No complete run {run_key} in this store (it may have been re-predicted).")
         return row[0]
 
-    def heatmap(self, model_key: str, run_key: str, gene: str | list[str]) -> pd.DataFrame:
+    def heatmap(self, model_key: str, run_key: str, gene: str | list[str] | dict[str, float], *,
+                offset: float = 0.0) -> pd.DataFrame:
         """Tile x, y (level-0 px) and predicted value of one gene (or the mean of a signature's
-        genes) on one slide."""
-        table, value = self._value(model_key, gene)
+        genes, or ``offset`` + a weighted sum ``{gene: weight}``: see :meth:`_value`) on one slide."""
+        table, value = self._value(model_key, gene, offset)
         return self.con.execute(f"SELECT tile_idx, x, y, {value} AS value FROM {table} "
                                 "WHERE run_id = ? ORDER BY tile_idx", [self._run_id(run_key)]).df()
 
@@ -70,10 +71,11 @@ class StoreQueries:
         matrix = df[genes].to_numpy(np.float32) if genes else np.zeros((len(df), 0), np.float32)
         return tiles, matrix, genes
 
-    def top_tiles(self, model_key: str, gene: str | list[str], run_keys: list[str], k: int = 24) -> pd.DataFrame:
+    def top_tiles(self, model_key: str, gene: str | list[str] | dict[str, float], run_keys: list[str], k: int = 24,
+                  *, offset: float = 0.0) -> pd.DataFrame:
         """The ``k`` tiles with the highest predicted value of ``gene`` (or of the mean of a
-        signature's genes) across the given runs."""
-        table, value = self._value(model_key, gene)
+        signature's genes, or of a weighted sum: see :meth:`_value`) across the given runs."""
+        table, value = self._value(model_key, gene, offset)
         # top k first (one column scan), then join only those k rows to the runs: joining every
         # tile first costs seconds at 10 M tiles (benchmarks/store_bench.py)
         return self.con.execute(f"""
@@ -184,8 +186,13 @@ class StoreQueries:
             SELECT r.run_key, per.threshold, per.fraction FROM per JOIN r USING (run_id)
             ORDER BY r.run_key""", [list(run_keys), quantile]).df()
 
-    def _value(self, model_key: str, genes: str | list[str]) -> tuple[str, str]:
-        """(prediction table, SQL for one gene's column or the mean of several)."""
+    def _value(self, model_key: str, genes: str | list[str] | dict[str, float], offset: float = 0.0
+               ) -> tuple[str, str]:
+        """(prediction table, SQL for one gene's column, the mean of several, or ``offset`` + a
+        weighted sum when ``genes`` maps gene → weight: a signature score that is a fixed linear
+        combination of the predictions, :mod:`core.analysis.signature_scores`). Weights go into
+        the SQL as 17-digit DOUBLE literals, so they round-trip exactly."""
+        weights = {str(g): float(w) for g, w in genes.items()} if isinstance(genes, dict) else None
         genes = [genes] if isinstance(genes, str) else list(genes)
         if not genes:
             raise StoreError("No gene given.")
@@ -194,6 +201,14 @@ class StoreQueries:
         if missing:
             raise StoreError(f"{', '.join(missing)} not in the panel of {model_key}.")
         table = info.pred_table
+        if weights is not None:
+            bad = [g for g, w in weights.items() if not np.isfinite(w)] + ([] if np.isfinite(offset) else ["offset"])
+            if bad:
+                raise StoreError(f"Non-finite weight for {', '.join(bad)}.")
+            terms = [f"{float(offset):.17e}"] + [f"{w:.17e} * {ident(g)}" for g, w in weights.items()]
+            return table, "(" + " + ".join(terms) + ")"
+        if offset:
+            raise StoreError("An offset needs gene weights ({gene: weight}).")
         if len(genes) == 1:
             return table, ident(genes[0])
         return table, "(" + " + ".join(ident(g) for g in genes) + f") / {len(genes)}"

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from core.errors import OutdatedStoreError, StoreError
+from core.store.domain_tables import DOMAIN_SCHEMA
 
 log = logging.getLogger(__name__)
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def columns(con, table: str) -> list[str]:
 def migrate(con, path: Path) -> None:
     """Create missing tables and bring an older store to ``SCHEMA_VERSION`` in place."""
     con.execute(_SCHEMA)
+    con.execute(DOMAIN_SCHEMA)
     for column, kind in _COHORT_SLIDE_V2:
         con.execute(f"ALTER TABLE cohort_slides ADD COLUMN IF NOT EXISTS {column} {kind}")
     for column, kind in _SUMMARY_V3:

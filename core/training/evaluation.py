@@ -30,10 +30,15 @@ def predict_patches(model: LoadedModel, patches: np.ndarray, *, batch_size: int 
     return np.concatenate(out) if out else np.zeros((0, len(model.genes)), np.float32)
 
 
-def evaluate_section(model: LoadedModel, section, *, batch_size: int = 32) -> dict:
-    """Metrics of one section over the panel genes it measures (the others are listed as missing)."""
+def section_arrays(model: LoadedModel, section, *, batch_size: int = 32
+                   ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Per-spot arrays of one section: ``(keep (N,) bool, genes, measured (K, G), predicted (K, G))``.
+
+    ``genes`` are the model's panel genes the section measures, in panel order; ``measured`` is
+    :func:`core.training.stdata.targets` over them (log1p CP10k over those genes, the training
+    units); rows are the ``K = keep.sum()`` spots whose patch lies inside the image.
+    """
     from core.training.stdata import section_patches, targets
-    from models.evaluate import summarize
 
     card = model.card
     patches, keep = section_patches(section, tile_um=card["tile_um"], mpp=card["mpp"], out_px=card["input_px"])
@@ -45,7 +50,16 @@ def evaluate_section(model: LoadedModel, section, *, batch_size: int = 32) -> di
     y = targets(section, genes)[keep]
     pred = predict_patches(model, patches, batch_size=batch_size)
     idx = [model.genes.index(g) for g in genes]
-    report = summarize(pred[:, idx], y, genes)
+    return keep, genes, y, pred[:, idx]
+
+
+def evaluate_section(model: LoadedModel, section, *, batch_size: int = 32) -> dict:
+    """Metrics of one section over the panel genes it measures (the others are listed as missing)."""
+    from models.evaluate import summarize
+
+    _, genes, y, pred = section_arrays(model, section, batch_size=batch_size)
+    measured = set(section.counts.var_names)
+    report = summarize(pred, y, genes)
     report["missing_genes"] = [g for g in model.genes if g not in measured]
     report["mpp_source"] = section.mpp_source
     return report

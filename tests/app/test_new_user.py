@@ -65,18 +65,6 @@ def test_choices_survive_a_page_switch(store_copy):
     assert at.selectbox(key="model").value == newer
 
 
-def test_a_bad_signature_fails_only_its_layer(store_copy):
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
-    at.switch_page("pages/slide.py").run()
-    at.toggle(key="compare").set_value(True).run()
-    at.selectbox(key="layer_b").select("sig:").run()
-    at.text_input(key="sig_b").input("CD8A, NOTAGENE").run()
-    assert_clean(at)
-    assert any("NOTAGENE" in e.value.replace("\\", "") for e in at.error)
-    assert len(at.get("plotly_chart")) == 1          # the other layer is still drawn
-    assert len(at.tabs) == 2 and at.get("image")     # and the tissue-mask tab still renders
-
-
 def test_link_report_shows_the_new_import(store_copy, cohort_dir, shared_data):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
     at.switch_page("pages/importer.py").run()

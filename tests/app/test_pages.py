@@ -6,7 +6,7 @@ from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = ["pages/cohort.py", "pages/slide.py", "pages/crossmodal.py", "pages/survival.py", "pages/associations.py",
-         "pages/predictions.py"]
+         "pages/measured.py", "pages/predictions.py"]
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +57,6 @@ def test_cohort_table_filter_and_export(app_env):
     at.text_input(key="f_search").input("TCGA").run()
     assert_clean(at)
     assert at.get("download_button")
-
-
-def test_slide_gene_switch(app_env):
-    at = run_page("pages/slide.py")
-    at.selectbox(key="layer_a").select("gene:CD8A").run()
-    at.slider(key="opacity").set_value(0.9).run()
-    assert_clean(at)
-    assert "CD8A" in at.caption[0].value
-
-
-def test_slide_signature_side_by_side_and_a_bad_gene(app_env):
-    at = run_page("pages/slide.py")
-    at.toggle(key="compare").set_value(True).run()
-    assert_clean(at)
-    assert len(at.get("plotly_chart")) == 2
-    at.selectbox(key="layer_b").select("sig:").run()
-    at.text_input(key="sig_b").input("cd8a; CD3E").run()
-    assert_clean(at)
-    assert any("signature (CD8A, CD3E)" in c.value for c in at.caption)
-    at.text_input(key="sig_b").input("CD8A, NOTAGENE").run()
-    assert_clean(at)
-    assert any("NOTAGENE" in e.value for e in at.error)
 
 
 def test_crossmodal_gallery_and_profile(app_env):

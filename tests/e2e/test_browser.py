@@ -34,7 +34,7 @@ def server(demo_env):
     env = {**os.environ, "TESSERA_DEMO_DIR": str(settings.demo_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
                              "--server.port", str(port), "--server.headless", "true",
-                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env,
+                             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -49,7 +49,11 @@ def server(demo_env):
         pytest.fail("streamlit did not come up: " + proc.stdout.read().decode()[-2000:])
     yield url
     proc.terminate()
-    proc.wait(timeout=20)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:   # a loaded machine: do not fail the tests over a slow shutdown
+        proc.kill()
+        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +92,7 @@ def assert_clean(page, where: str) -> None:
 def test_pages_in_a_real_browser(server, page):
     ARTIFACTS.mkdir(exist_ok=True)
     visit(page, server, "cohort.png", texts=["Patients"])
-    visit(page, f"{server}/slide", "slide.png", selectors=[".js-plotly-plot"])
+    visit(page, f"{server}/slide", "slide.png", selectors=["iframe[src*='tessera_viewer']"])
     visit(page, f"{server}/survival", "survival.png", texts=["Log-rank p", "Number at risk"],
           selectors=[".js-plotly-plot"])
     # the KM view with its risk table and censor ticks, as the user sees it once scrolled to it
@@ -137,3 +141,82 @@ def test_uploaded_patch_in_a_real_browser(server, page, demo_env, tmp_path):
     page.get_by_text("Could not read notes.png as an image").first.wait_for(timeout=60_000)
     assert_clean(page, "non-image upload")
 
+
+
+def viewer_frame(page, timeout_s: float = 120.0):
+    """The viewer component's frame once OpenSeadragon has drawn the slide and its overlay."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for f in page.frames:
+            if "tessera_viewer" in f.url:
+                try:
+                    if f.evaluate("!!(window.tessera && window.tessera.panels.length && window.tessera.overlayLoads)"):
+                        f.evaluate("window.tessera.whenLoaded()")
+                        return f
+                except Exception:   # still loading
+                    pass
+        page.wait_for_timeout(100)
+    pytest.fail("the slide viewer did not draw")
+
+
+def test_viewer_zoom_click_export_and_a_copied_link(server, page, tmp_path):
+    """The deep-zoom viewer in a real browser: zoom to full resolution (new tiles from the endpoint),
+    click a tile (its H&E and profile open), export the slide as .h5ad (scanpy reads it), and a copied
+    link reopens the same view."""
+    import anndata
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(f"{server}/slide")
+    frame = viewer_frame(page)
+    page.screenshot(path=str(ARTIFACTS / "viewer_home.png"), full_page=True)
+    viewer = "window.tessera.panels[0].viewer"
+    home = frame.evaluate(f"{viewer}.viewport.getZoom()")
+    ms = frame.evaluate("window.tessera.move(6, 0, 0)")
+    # zoomed in to full resolution (the tiny slide reaches the viewer's cap: 2 screen px per image px)
+    zoom, cap = frame.evaluate(f"[{viewer}.viewport.getZoom(), {viewer}.viewport.getMaxZoom()]")
+    assert zoom > 2 * home and zoom >= min(6 * home, cap) - 1e-6 and ms < 30_000
+    # at full zoom the H&E comes from the pyramid's level 0: its Deep Zoom level is the last one
+    levels = frame.evaluate(f"{viewer}.world.getItemAt(0).source.maxLevel")
+    drawn = frame.evaluate(f"Math.max(...{viewer}.world.getItemAt(0).lastDrawn.map(t => t.level))")
+    assert drawn == levels
+    page.locator("iframe[src*='tessera_viewer']").first.screenshot(path=str(ARTIFACTS / "viewer_zoomed.png"))
+    frame.evaluate(f"{viewer}.viewport.goHome(true)")
+    frame.evaluate("window.tessera.whenLoaded()")
+
+    box = frame.locator(".osd").first.bounding_box()
+    frame.locator(".osd").first.click(position={"x": box["width"] / 2, "y": box["height"] / 2})
+    page.get_by_text("H&E at full resolution").first.wait_for(timeout=60_000)
+    page.get_by_text("Top predicted genes of the tile").first.wait_for(timeout=60_000)
+    assert_clean(page, "tile click")
+    page.screenshot(path=str(ARTIFACTS / "viewer_tile.png"), full_page=True)
+
+    page.get_by_text("Export (AnnData").first.click()
+    button = page.get_by_role("button", name="Download").first
+    button.wait_for(timeout=60_000)
+    with page.expect_download(timeout=120_000) as download:
+        button.click()
+    target = tmp_path / download.value.suggested_filename
+    download.value.save_as(target)
+    adata = anndata.read_h5ad(target)
+    n_tiles = int(frame.evaluate("window.tessera.args.panels[0].caption").split(" tiles")[0])
+    assert target.suffix == ".h5ad" and adata.n_obs == n_tiles and "spatial" in adata.obsm and adata.uns["spatial"]
+
+    # a link copied from the address bar reopens the same slide and layer
+    page.goto(f"{server}/slide")
+    viewer_frame(page)
+    box = page.locator("[data-testid='stSelectbox']").filter(has_text="Layer").first
+    box.click()
+    page.keyboard.type("CD8A")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => window.location.search.includes('layer=gene%3ACD8A') || "
+                           "window.location.search.includes('layer=gene:CD8A')", timeout=60_000)
+    link = page.url
+    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    other.goto(link)
+    frame = viewer_frame(other)
+    assert frame.evaluate("window.tessera.args.panels[0].title").endswith("CD8A")
+    slide = frame.evaluate("window.tessera.args.panels[0].title").split(" · ")[0]
+    assert slide in link.replace("%2E", ".") or slide.split(".")[0] in link
+    other.screenshot(path=str(ARTIFACTS / "viewer_link.png"), full_page=True)
+    assert_clean(other, "copied link")
+    other.close()

@@ -20,7 +20,10 @@ ALLOWED = {
     "core.engine": BASE | {"core.wsi", "core.store", "core.analysis", "models"},   # analysis: slide summaries at ingest
     "core.training": BASE | {"core.wsi", "core.engine", "models"},                 # engine: the model hub
     "core.synth": BASE | {"core.wsi"},                                             # wsi: the true bulk uses the engine's tiling
+    "core.export": BASE | {"core.wsi", "core.store", "core.analysis"},             # files of what analysis computes
+    "core.viewer": BASE | {"core.wsi"},                                            # tiles read from the slide
     "core.demo": None, "core.cli": None, "core.cli_analysis": None,               # the top: anything in core
+    "core.cli_export": None, "core.cli_domains": None, "core.cli_measured": None, "core.cli_signatures": None,
 }
 
 
