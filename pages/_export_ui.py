@@ -19,10 +19,16 @@ LABELS = {"h5ad": "AnnData (.h5ad, scanpy)", "geojson": "QuPath objects (.geojso
           "parquet": "Tile table (.parquet)", "png": "Map figure (.png)", "svg": "Map figure (.svg)"}
 
 
-def export_panel(cohort: str, model_key: str, slides: list[str], layers: list[str], key: str) -> None:
+# Above this many tiles a download would be built in the server's memory: the CLI writes it instead.
+MAX_TILES = 300_000
+
+
+def export_panel(cohort: str, model_key: str, slides: list[str], layers: list[str], key: str,
+                 figure: dict | None = None) -> None:
     """Export ``slides`` (names; empty = every predicted slide of the cohort) with ``layers``
     (``gene:ERBB2``, ``ERBB2``, ``sig:cytolytic``…; empty = the whole panel). Figures are offered
-    for one slide and show the first layer."""
+    for one slide and show the first layer, drawn as on screen: ``figure`` = vmin, vmax, cmap,
+    opacity of the viewer."""
     figures = len(slides) == 1 and bool(layers)
     formats = [f for f in LABELS if figures or f not in ("png", "svg")]
     fmt = st.selectbox("Export as", formats, key=f"{key}_export_fmt", format_func=LABELS.get,
@@ -30,6 +36,15 @@ def export_panel(cohort: str, model_key: str, slides: list[str], layers: list[st
                             ".h5ad holds every gene, with signatures as tile annotations (obs).")
     options = {"slides": list(slides) or None, "layers": (list(layers[:1]) if fmt in ("png", "svg") else list(layers))
                or None}
+    if fmt in ("png", "svg") and figure:
+        options.update({k: figure[k] for k in ("vmin", "vmax", "cmap", "opacity") if figure.get(k) is not None})
+    runs = _ui.query(Store.cohort_runs, cohort, model_key)
+    chosen = runs if not slides else runs[runs["slide_name"].isin(slides)]
+    n_tiles = int(chosen["n_tiles"].fillna(0).sum())
+    if n_tiles > MAX_TILES:
+        st.info(f"{n_tiles:,} tiles is too large a download to build on the server; write the file with "
+                f"`python -m core.cli export --cohort {cohort} --format {fmt} --out PATH` (the same writer).")
+        return
     with _ui.guard():
         name, mime = _ui.query(plan_download, cohort, model_key, fmt, **options)
         store_path = str(_ui.store_path())

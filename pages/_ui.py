@@ -524,7 +524,8 @@ def exposure_check() -> None:
 
 # -- shareable state: the URL's query string carries what the page shows --------------------------
 def url_seed(key: str, param: str, options: list | None = None, *, multi: bool = False,
-             parse: Callable[[str], object] | None = None) -> None:
+             parse: Callable[[str], object] | None = None,
+             fallback: Callable[[str], dict | None] | None = None) -> None:
     """Before the widget ``key`` is drawn: on this session's first run of the page, take its value
     from the link's ``?param=``. A value the page does not offer (a stale or hand-edited link) is
     dropped with a notice and the widget keeps its default. ``multi``: comma-separated list."""
@@ -543,6 +544,11 @@ def url_seed(key: str, param: str, options: list | None = None, *, multi: bool =
     except (TypeError, ValueError):
         values = None
     bad = values is None or (options is not None and any(v not in options for v in values))
+    if bad and fallback is not None:
+        seeds = fallback(str(raw))     # e.g. a custom signature: its own widgets, checked when used
+        if seeds:
+            st.session_state.update(seeds)
+            return
     if bad or (multi and not values):
         notice(f"The link's {param}={raw} is not available here; showing the default instead.")
         return

@@ -6,6 +6,7 @@ import streamlit as st
 
 from core.analysis import slideview
 from core.analysis.overlay import COLORMAPS
+from core.safety import md_escape
 from core.store.db import Store
 from core.vocab import READABLE_STATUSES, SlideStatus
 from pages import _ui, _viewer
@@ -106,7 +107,9 @@ def display_controls(scopes: list[str]) -> dict:
             "tissue_min": tissue_min or None}
 
 
-def tile_details(model: str, row, tiles_by_layer: dict, x: int, y: int) -> None:
+def tile_details(model: str, row, tiles_by_layer: dict, x: int, y: int, categories: dict | None = None) -> None:
+    """The clicked tile: H&E at full resolution, each shown layer's value there (a domain's name for
+    the domain layer: ``categories`` = layer name → labels), and its top predicted genes."""
     from core.analysis import crossmodal
     from core.analysis.plots import profile_bars
 
@@ -114,9 +117,9 @@ def tile_details(model: str, row, tiles_by_layer: dict, x: int, y: int) -> None:
     first = next(iter(tiles_by_layer.values()))
     hit = slideview.tile_at(first, x, y, tile_size)
     if hit is None:
-        st.caption(f"({x}, {y}) on {row['slide_name']} is background: no tile was predicted there.")
+        st.caption(md_escape(f"({x}, {y}) on {row['slide_name']} is background: no tile was predicted there."))
         return
-    st.subheader(f"Tile {int(hit['tile_idx'])} of {row['slide_name']} at ({int(hit['x'])}, {int(hit['y'])}) px")
+    st.subheader(md_escape(f"Tile {int(hit['tile_idx'])} of {row['slide_name']} at ({int(hit['x'])}, {int(hit['y'])}) px"))
     left, mid, right = st.columns([2, 2, 3])
     out_px = min(tile_size, 1024)
     left.image(_ui.tile_image(row["slide_path"], int(hit["x"]), int(hit["y"]), tile_size, out_px),
@@ -124,8 +127,12 @@ def tile_details(model: str, row, tiles_by_layer: dict, x: int, y: int) -> None:
     values = []
     for name, frame in tiles_by_layer.items():
         match = frame[frame["tile_idx"] == hit["tile_idx"]]
-        values.append({"layer": name, "value": float(match["value"].iloc[0]) if len(match) else float("nan"),
-                       "slide mean": float(frame["value"].mean())})
+        value = float(match["value"].iloc[0]) if len(match) else float("nan")
+        labels = (categories or {}).get(name)
+        if labels:
+            values.append({"layer": name, "value": labels[int(value)] if value == value else "—", "slide mean": ""})
+        else:
+            values.append({"layer": name, "value": f"{value:.3g}", "slide mean": f"{frame['value'].mean():.3g}"})
     mid.dataframe(values, hide_index=True, width="stretch")
     profile = _ui.query(crossmodal.tile_profile, model, row["run_key"], int(hit["tile_idx"]), top=12)
     right.plotly_chart(profile_bars(profile), width="stretch", key="tile_profile")
@@ -139,8 +146,18 @@ def marker_for(click, index, row) -> dict | None:
     return {"x": (click["x"] // size) * size, "y": (click["y"] // size) * size, "size": size}
 
 
+def custom_signature_seed(key: str):
+    """A link's ``layer=sig:G1,G2`` (typed genes, not a library set) → the custom-genes widgets."""
+    def seeds(raw: str) -> dict | None:
+        genes = raw[4:] if raw.startswith("sig:") else ""
+        if not genes or len(genes) > 2000:
+            return None
+        return {key: CUSTOM_SIG, f"{key}_genes": ", ".join(g for g in genes.split(",") if g)}
+    return seeds
+
+
 def single(cohort, model, slides, row, options, labels, tile_um) -> None:
-    _ui.url_seed("layer_a", "layer", options)
+    _ui.url_seed("layer_a", "layer", options, fallback=custom_signature_seed("layer_a"))
     layer = pick_layer(options, labels, "layer_a", "gene:ERBB2")
     display = display_controls(["slide", "cohort", "custom"])
     tiles, cats, note = layer_of(model, cohort, row, layer, tile_um)
@@ -159,10 +176,10 @@ def single(cohort, model, slides, row, options, labels, tile_um) -> None:
     _ui.url_sync({"slide": row["slide_name"], "layer": layer.split("@")[0] if layer.startswith("sig:") else layer,
                   "view": None, "slides": None, "layers": None, "cmap": display["cmap"], "scale": display["scope"]})
     if click:
-        tile_details(model, row, {name: tiles}, int(click["x"]), int(click["y"]))
+        tile_details(model, row, {name: tiles}, int(click["x"]), int(click["y"]), {name: cats})
     else:
         st.caption("Scroll or pinch to zoom down to full resolution; drag to pan; click a tile for its H&E and profile.")
-    export(cohort, model, [row["slide_name"]], [layer])
+    export(cohort, model, [row["slide_name"]], [layer], figure_of(display, vrange))
 
 
 def compare_slides(cohort, model, slides, row, options, labels, tile_um) -> None:
@@ -202,8 +219,8 @@ def compare_slides(cohort, model, slides, row, options, labels, tile_um) -> None
                   "slide": None, "layers": None, "cmap": display["cmap"], "scale": display["scope"]})
     if click and 0 <= click.get("panel", -1) < len(rows):
         i = click["panel"]
-        tile_details(model, rows[i], {name: frames[i][0]}, int(click["x"]), int(click["y"]))
-    export(cohort, model, chosen, [layer])
+        tile_details(model, rows[i], {name: frames[i][0]}, int(click["x"]), int(click["y"]), {name: frames[i][1]})
+    export(cohort, model, chosen, [layer], figure_of(display, ranges[0]))
 
 
 def compare_layers(cohort, model, row, options, labels, tile_um) -> None:
@@ -213,11 +230,15 @@ def compare_layers(cohort, model, row, options, labels, tile_um) -> None:
         st.session_state["cmp_layers"] = [o for o in ("gene:ERBB2", "gene:CD8A") if o in pickable] or pickable[:2]
     chosen = st.multiselect("Layers (2–4)", pickable, key="cmp_layers", max_selections=4,
                             format_func=lambda o: labels.get(o, o.split(":", 1)[-1]))
+    method = "score_genes"
+    if any(o.startswith("sig:") for o in chosen):
+        method = st.selectbox("Scoring of the signatures", ["score_genes", "mean_z"], key="cmp_method")
     display = display_controls(["slide", "custom"])
     if len(chosen) < 2:
         st.info("Choose two to four layers.")
         return
-    frames = {labels.get(o, o.split(":", 1)[-1]): layer_of(model, cohort, row, o, tile_um) for o in chosen}
+    frames = {labels.get(o, o.split(":", 1)[-1]) + (f" ({method})" if o.startswith("sig:") else ""):
+              layer_of(model, cohort, row, f"{o}@{method}" if o.startswith("sig:") else o, tile_um) for o in chosen}
     ranges = color_range([f[0] for f in frames.values()], display["scope"], display["robust"], None, display["custom"])
     ckey = f"click_layers_{row['slide_name']}"
     click = st.session_state.get(ckey)
@@ -228,17 +249,22 @@ def compare_layers(cohort, model, row, options, labels, tile_um) -> None:
     _ui.url_sync({"view": "compare-layers", "slide": row["slide_name"], "layers": chosen, "layer": None,
                   "slides": None, "cmap": display["cmap"], "scale": display["scope"]})
     if click:
-        tile_details(model, row, {n: f[0] for n, f in frames.items()}, int(click["x"]), int(click["y"]))
+        tile_details(model, row, {n: f[0] for n, f in frames.items()}, int(click["x"]), int(click["y"]),
+                     {n: f[1] for n, f in frames.items()})
     export(cohort, model, [row["slide_name"]], chosen)
 
 
-def export(cohort, model, slide_names, layers) -> None:
-    try:
-        from pages._export_ui import export_panel
-    except ImportError:
-        return
+def export(cohort, model, slide_names, layers, figure: dict | None = None) -> None:
+    from pages._export_ui import export_panel
+
     with st.expander("Export (AnnData, QuPath GeoJSON, CSV, Parquet, PNG/SVG)"):
-        export_panel(cohort, model, slide_names, [l for l in layers if l != slideview.DOMAIN_LAYER], key="slide_export")
+        export_panel(cohort, model, slide_names, [lay for lay in layers if lay != slideview.DOMAIN_LAYER],
+                     key="slide_export", figure=figure)
+
+
+def figure_of(display: dict, vrange: tuple) -> dict:
+    """The viewer's drawing settings, for a PNG/SVG export that looks like the screen."""
+    return {"vmin": float(vrange[0]), "vmax": float(vrange[1]), "cmap": display["cmap"], "opacity": display["opacity"]}
 
 
 def tissue_preview(model: str, row) -> None:

@@ -50,7 +50,7 @@ def overlay_view(tiles: pd.DataFrame, tile_size: int, width: int, height: int, *
 def legend(vmin: float, vmax: float, cmap: str, *, n: int = 7) -> dict:
     """A colour bar: ``min``/``max`` labels and ``n`` evenly spaced hex colours."""
     lut = overlay.colorize(np.linspace(vmin, vmax, n)[None, :], vmin, vmax, cmap)[0, :, :3]
-    return {"min": f"{vmin:.2f}", "max": f"{vmax:.2f}", "stops": ["#%02x%02x%02x" % tuple(int(c) for c in rgb) for rgb in lut]}
+    return {"min": f"{vmin:.3g}", "max": f"{vmax:.3g}", "stops": ["#%02x%02x%02x" % tuple(int(c) for c in rgb) for rgb in lut]}
 
 
 def category_legend(labels: list[str]) -> dict:

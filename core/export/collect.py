@@ -244,13 +244,20 @@ def collect(store, cohort: str, model_key: str, *, slides: list[str] | None = No
 
 
 def domain_colors(labels: list[str]) -> dict[str, list[int]]:
-    """A fixed colour per domain label (tab20 via :func:`core.analysis.overlay.categorical_colors`),
-    grey for ``unassigned``; the same in GeoJSON classifications and AnnData's ``domain_colors``."""
+    """A fixed colour per domain label, grey for ``unassigned``; the same in GeoJSON
+    classifications, AnnData's ``domain_colors`` and the viewer: domain ``Dk`` always gets colour
+    k − 1 of :func:`core.analysis.overlay.categorical_colors` (the fit's label order), whichever
+    domains a slide happens to contain."""
+    import re
+
     from core.analysis.overlay import categorical_colors
 
-    named = sorted(lab for lab in set(labels) if lab != UNASSIGNED)
-    colors = categorical_colors(len(named))
-    out = {lab: [int(c) for c in colors[i]] for i, lab in enumerate(named)}
+    named = [lab for lab in dict.fromkeys(labels) if lab != UNASSIGNED]
+    numbered = {lab: int(m.group(1)) - 1 for lab in named if (m := re.fullmatch(r"D(\d+)", str(lab)))}
+    others = sorted(lab for lab in named if lab not in numbered)
+    index = {**numbered, **{lab: max(numbered.values(), default=-1) + 1 + i for i, lab in enumerate(others)}}
+    colors = categorical_colors(max(index.values(), default=-1) + 1)
+    out = {lab: [int(c) for c in colors[index[lab]]] for lab in named}
     if UNASSIGNED in labels:
         out[UNASSIGNED] = [160, 160, 160]
     return out

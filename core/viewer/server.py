@@ -31,6 +31,7 @@ def _handler(source: TileSource):
     class Handler(BaseHTTPRequestHandler):
         server_version = "tessera-tiles"
         sys_version = ""
+        timeout = 30   # a client that stalls mid-request frees its thread
 
         def log_message(self, fmt, *args):  # the app's log, at debug level
             log.debug("tiles: " + fmt, *args)

@@ -61,6 +61,7 @@ class TileSource:
         self._gens = _LRU(max_slides)
         self._tiles = _LRU(max_tiles)
         self._lock = threading.Lock()
+        self._image_locks: dict[str, threading.Lock] = {}
 
     # -- registration (app side) ----------------------------------------------------------------
     def token(self, path: str | Path) -> str:
@@ -85,7 +86,7 @@ class TileSource:
         """Decode the pyramid's overview levels (up to ``max_px`` wide) into the tile cache, so that a
         slide's first view draws from memory. Returns the number of tiles cached."""
         try:
-            gen = self._generator(token)
+            gen = self._generator(token)[0]
             n = 0
             for level, (w, h) in enumerate(gen.level_dimensions):
                 if max(w, h) > max_px:
@@ -118,10 +119,16 @@ class TileSource:
             return DeepZoomGenerator(osr, tile_size=TILE_SIZE, overlap=OVERLAP, limit_bounds=False)
 
         with self._lock:
-            return self._gens.get_or(token, make)
+            gen = self._gens.get_or(token, make)
+            lock = self._image_locks.get(token)
+            if lock is None and type(gen._osr).__name__ == "ImageSlide":
+                # a plain JPEG/PNG/TIFF read by PIL (openslide.ImageSlide): PIL images are not safe to
+                # read from several threads, unlike OpenSlide handles
+                lock = self._image_locks.setdefault(token, threading.Lock())
+        return gen, lock
 
     def dzi(self, token: str) -> str:
-        return self._generator(token).get_dzi(FORMAT)
+        return self._generator(token)[0].get_dzi(FORMAT)
 
     def tile(self, token: str, level: int, col: int, row: int) -> bytes:
         """A JPEG tile; ``KeyError`` for an unknown token, ``ValueError`` for a tile off the pyramid."""
@@ -131,14 +138,18 @@ class TileSource:
             if hit is not None:
                 self._tiles.move_to_end(key)
                 return hit
-        gen = self._generator(token)
+        gen, lock = self._generator(token)
         if not (0 <= level < gen.level_count):
             raise ValueError("level")
         cols, rows = gen.level_tiles[level]
         if not (0 <= col < cols and 0 <= row < rows):
             raise ValueError("address")
-        # OpenSlide handles are safe to read from several threads; ctypes releases the GIL meanwhile
-        img = gen.get_tile(level, (col, row))
+        # OpenSlide handles are safe to read from several threads (ctypes releases the GIL meanwhile)
+        if lock is None:
+            img = gen.get_tile(level, (col, row))
+        else:
+            with lock:
+                img = gen.get_tile(level, (col, row))
         if img.mode != "RGB":
             img = img.convert("RGB")
         buf = io.BytesIO()

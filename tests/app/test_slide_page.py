@@ -49,7 +49,7 @@ def test_single_view_controls_reach_the_viewer(app_env):
     at.number_input(key="vmin").set_value(1.0).run()
     at.number_input(key="vmax").set_value(2.0).run()
     legend = viewer_args(at)["panels"][0]["legend"]
-    assert (legend["min"], legend["max"]) == ("1.00", "2.00")
+    assert (legend["min"], legend["max"]) == ("1", "2")
     at.slider(key="tissue_min").set_value(1.0).run()
     assert_clean(at)
     assert at.query_params["layer"] == "gene:CD8A" and at.query_params["cmap"] == "magma"
@@ -110,6 +110,11 @@ def test_a_link_reopens_the_view_and_a_stale_link_falls_back(app_env):
     at = open_slide({"view": "compare-slides", "slides": ",".join(names[:3])})
     assert at.multiselect(key="cmp_slides").value == names[:3]
     assert len(viewer_args(at)["panels"]) == 3
+    at = open_slide({"layer": "sig:CD8A,CD3E", "method": "mean_z"})      # a typed signature travels too
+    assert at.selectbox(key="layer_a").value == "sig:*"
+    assert at.text_input(key="layer_a_genes").value == "CD8A, CD3E"
+    assert at.selectbox(key="layer_a_method").value == "mean_z"
+    assert "mean_z" in viewer_args(at)["panels"][0]["title"] or viewer_args(at)["panels"][0]["overlay"]
     at = open_slide({"slide": "TCGA-NOT-A-SLIDE.svs", "layer": "gene:NOTAGENE", "cmap": "<script>"})
     notices = " ".join(i.value for i in at.info)
     assert "slide=TCGA" in notices.replace("\\", "") and "NOTAGENE" in notices.replace("\\", "")
@@ -124,3 +129,46 @@ def test_a_bad_custom_signature_fails_only_the_viewer(app_env):
     assert_clean(at)
     assert any("NOTAGENE" in e.value.replace("\\", "") for e in at.error)
     assert len(at.tabs) == 2 and at.get("image")     # the tissue-mask tab still renders
+
+
+def test_domains_fit_from_the_page_show_as_a_layer_and_a_variable(demo_env, tmp_path, monkeypatch):
+    """In a store of its own: the Slide page's Fit button fits the cohort's domains; the domain layer
+    then colours every tile by its domain with one legend entry per domain, the same colours on every
+    slide, and the domain fractions are offered as survival variables."""
+    import shutil
+
+    import streamlit as st
+
+    settings, _ = demo_env
+    path = tmp_path / "store.duckdb"
+    shutil.copy(settings.store_path, path)
+    monkeypatch.setenv("TESSERA_DEMO_DIR", str(settings.demo_dir))
+    monkeypatch.setenv("TESSERA_STORE", str(path))
+    monkeypatch.chdir(ROOT)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    try:
+        at = open_slide()
+        assert "domain" not in at.selectbox(key="layer_a").options
+        at.button(key="dom_fit").click().run()
+        assert_clean(at)
+        at = open_slide({"layer": "domain"})
+        args = viewer_args(at)
+        legend = args["panels"][0]["legend"]["categories"]
+        assert len(legend) >= 2 and all(c["label"].startswith("D") for c in legend)
+        assert at.get("arrow_data_frame") or at.dataframe
+        at.segmented_control(key="view").set_value("Compare slides").run()
+        at.selectbox(key="layer_c").select("domain").run()
+        assert_clean(at)
+        panels = viewer_args(at)["panels"]
+        assert panels[0]["legend"] == panels[1]["legend"]           # D1 has one colour on every slide
+        sv = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+        sv.switch_page("pages/survival.py")
+        sv.query_params["sv_km"] = "domain:D1"
+        sv.run()
+        assert_clean(sv)
+        assert sv.selectbox(key="sv_km_kind").value.startswith("Spatial domain")
+        assert sv.selectbox(key="sv_km_dom").value == "D1"
+    finally:
+        st.cache_data.clear()
+        st.cache_resource.clear()

@@ -191,7 +191,7 @@ def test_viewer_zoom_click_export_and_a_copied_link(server, page, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "viewer_tile.png"), full_page=True)
 
     page.get_by_text("Export (AnnData").first.click()
-    button = page.get_by_role("button", name="Download").first
+    button = page.locator("[data-testid='stDownloadButton']").filter(has_text=".h5ad").first
     button.wait_for(timeout=60_000)
     with page.expect_download(timeout=120_000) as download:
         button.click()

@@ -21,13 +21,16 @@
   function legendHtml(p) {
     if (p.legend && p.legend.categories) {
       return '<div class="chips">' + p.legend.categories.map(function (c) {
-        return '<span class="chip"><span class="sw" style="background:' + c.color + '"></span>' + escapeHtml(c.label) + "</span>";
+        const color = /^#[0-9a-fA-F]{6}$/.test(c.color) ? c.color : "#999999";
+        return '<span class="chip"><span class="sw" style="background:' + color + '"></span>' + escapeHtml(c.label) + "</span>";
       }).join("") + "</div>";
     }
     if (!p.legend) return "";
-    const stops = p.legend.stops.map(function (c, i) { return c + " " + Math.round(100 * i / (p.legend.stops.length - 1)) + "%"; });
-    return '<div class="legend"><span>' + p.legend.min + '</span><div class="bar" style="background:linear-gradient(90deg,' +
-      stops.join(",") + ')"></div><span>' + p.legend.max + "</span></div>";
+    const hex = /^#[0-9a-fA-F]{6}$/;
+    const stops = p.legend.stops.filter(function (c) { return hex.test(c); })
+      .map(function (c, i, all) { return c + " " + Math.round(100 * i / Math.max(all.length - 1, 1)) + "%"; });
+    return '<div class="legend"><span>' + escapeHtml(p.legend.min) + '</span><div class="bar" style="background:linear-gradient(90deg,' +
+      stops.join(",") + ')"></div><span>' + escapeHtml(p.legend.max) + "</span></div>";
   }
 
   function escapeHtml(s) {
@@ -37,6 +40,7 @@
   function build(args) {
     state.panels.forEach(function (p) { p.viewer.destroy(); });
     state.panels = [];
+    state.leader = null;
     grid.innerHTML = "";
     const n = args.panels.length;
     grid.style.gridTemplateColumns = "repeat(" + Math.min(n, args.columns || n) + ", minmax(0, 1fr))";
@@ -44,8 +48,8 @@
     args.panels.forEach(function (p, i) {
       const div = document.createElement("div");
       div.className = "panel";
-      div.innerHTML = '<div class="title"></div><div class="osd" id="osd' + i + '" style="height:' + args.height +
-        'px"></div><div class="leg"></div><div class="caption"></div>';
+      div.innerHTML = '<div class="title"></div><div class="osd" id="osd' + i + '" style="height:' +
+        Math.max(100, Math.min(2000, Number(args.height) || 560)) + 'px"></div><div class="leg"></div><div class="caption"></div>';
       grid.appendChild(div);
       const viewer = OpenSeadragon({
         element: div.querySelector(".osd"), prefixUrl: "vendor/images/",
@@ -69,9 +73,23 @@
         state.clicks += 1;
         send("streamlit:setComponentValue", { value: { panel: i, x: Math.round(pt.x), y: Math.round(pt.y), n: state.clicks }, dataType: "json" });
       });
+      // synced views follow the panel the user is working in (the leader); followers never push back
+      ["canvas-enter", "canvas-press", "canvas-scroll", "canvas-drag"].forEach(function (ev) {
+        viewer.addHandler(ev, function () { state.leader = viewer; });
+      });
+      viewer.addHandler("tile-load-failed", function () {
+        state.tileErrors = (state.tileErrors || 0) + 1;
+        if (state.tileErrors === 3) {
+          const msg = document.createElement("div");
+          msg.className = "missing";
+          msg.textContent = "Slide tiles could not be loaded from " + tileBase(state.args || args) + ". Behind a reverse " +
+            "proxy, set TESSERA_TILE_URL (README: Deploying for a team).";
+          grid.prepend(msg);
+          setHeight();
+        }
+      });
       viewer.addHandler("viewport-change", function () {
-        if (!state.args || !state.args.sync || state.syncing) return;
-        state.syncing = true;
+        if (!state.args || !state.args.sync || (state.leader && state.leader !== viewer)) return;
         const center = viewer.viewport.getCenter(), zoom = viewer.viewport.getZoom();
         state.panels.forEach(function (q) {
           if (q.viewer !== viewer && q.viewer.world.getItemCount()) {
@@ -79,7 +97,6 @@
             q.viewer.viewport.panTo(center, true);
           }
         });
-        state.syncing = false;
       });
     });
   }
@@ -99,14 +116,19 @@
       if (!slide) return;    // not open yet: the "open" handler calls update again
       const width = (p.overlay && p.overlay.width_px) ? p.overlay.width_px / p.width : 1;
       if (p.overlay && p.overlay.url !== panel.overlayUrl) {
-        const old = panel.overlay;
-        panel.overlayUrl = p.overlay.url;
+        const url = p.overlay.url;
+        panel.overlayUrl = url;
         viewer.addTiledImage({
-          tileSource: { type: "image", url: p.overlay.url, buildPyramid: false },
+          tileSource: { type: "image", url: url, buildPyramid: false },
           x: 0, y: 0, width: width, opacity: args.opacity,
           success: function (ev) {
+            if (panel.overlayUrl !== url) { viewer.world.removeItem(ev.item); return; }   // superseded meanwhile
+            // keep the slide (item 0) and this overlay only
+            for (let k = viewer.world.getItemCount() - 1; k >= 1; k--) {
+              const it = viewer.world.getItemAt(k);
+              if (it !== ev.item) viewer.world.removeItem(it);
+            }
             panel.overlay = ev.item;
-            if (old) viewer.world.removeItem(old);
             ev.item.setOpacity(state.args.opacity);
             state.overlayLoads += 1;
           },
@@ -155,7 +177,7 @@
 
   window.addEventListener("message", function (event) {
     const msg = event.data;
-    if (!msg || msg.type !== "streamlit:render") return;
+    if (event.source !== window.parent || !msg || msg.type !== "streamlit:render") return;
     const args = msg.args || {};
     if (typeof OpenSeadragon === "undefined") {
       grid.innerHTML = '<div class="missing">The viewer library (OpenSeadragon) is not installed on this server: run <code>make setup</code>.</div>';
