@@ -172,6 +172,16 @@ def measure(base: str, store: Path, cohorts: dict, repeats: int) -> dict:
     out = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        # the baseline: any page's first element after a fresh load (the Cohort page has no viewer)
+        base_ms = []
+        for _ in range(4):
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            t0 = time.perf_counter()
+            page.goto(f"{base}/")
+            page.get_by_text("Patients").first.wait_for(timeout=90_000)
+            base_ms.append((time.perf_counter() - t0) * 1000)
+            page.close()
+        out["_baseline"] = {"cohort_page_first_element_ms": p50(base_ms[1:])}
         for i, cohort in enumerate(cohorts):
             slide = first_slide(store, cohort)
             url = f"{base}/slide?" + urllib.parse.urlencode({"cohort": cohort, "slide": slide, "layer": "gene:ERBB2"})
@@ -203,7 +213,12 @@ def measure(base: str, store: Path, cohorts: dict, repeats: int) -> dict:
 
 
 def print_table(fig: dict) -> None:
+    fig = dict(fig)
+    base = fig.pop("_baseline", None)
     print("\nSlide viewer (real browser, loopback; p50 unless noted)")
+    if base:
+        print(f"baseline: a fresh load of the Cohort page (no viewer) to its first element "
+              f"{base['cohort_page_first_element_ms']:.0f} ms (Streamlit's own load: bundle, session, first run)")
     print(f"{'slide':<28} {'first render':>13} {'view update':>12} {'p95':>7} {'layer':>7} {'opacity':>8}")
     for cohort, r in fig.items():
         name = f"{cohort}: {r['slide'][:18]}"
