@@ -39,6 +39,8 @@ def _text(comparison, rows, top: int) -> str:
              + (f" ({len(comparison.genes) - scored} with a constant column: r = NaN)" if scored < len(comparison.genes)
                 else ""),
              shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    if comparison.training_notice:
+        lines.insert(1, "warning: " + comparison.training_notice)
     if len(rows) > top:
         lines.append(f"… {len(rows) - top} more genes (--top N, --csv FILE for all)")
     return "\n".join(lines)

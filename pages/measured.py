@@ -61,6 +61,8 @@ def show(cmp) -> None:
     c2.metric("Spots", cmp.n_spots)
     c3.metric("Genes", len(cmp.genes))
     c4.metric("Median r", f"{cmp.median_r:.3f}")
+    if cmp.training_notice:
+        st.warning(md_escape(cmp.training_notice))
     robust = st.toggle("Robust colour range (2nd–98th percentile)", value=True, key="mv_robust")
     mode = "robust" if robust else "minmax"
     thumb = thumbnail(cmp.image_path, Path(cmp.image_path).stat().st_mtime)

@@ -55,6 +55,8 @@ def comparison_json(comparison, sort: str = "r") -> dict:
         "n_genes_scored": int(np.isfinite(r).sum()), "median_r": comparison.median_r,
         "median_rho": float(np.nanmedian(rho)) if np.isfinite(rho).any() else None,
         "units": comparison.units, "missing_genes": list(comparison.missing_genes), "sort": sort,
+        "section_in_training_data": bool(getattr(comparison, "in_training", False)),
+        "warning": getattr(comparison, "training_notice", None),
         "genes": rows.to_dict("records")})
 
 

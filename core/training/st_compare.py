@@ -55,6 +55,16 @@ class SectionComparison:
     table: pd.DataFrame
     n_dropped: int = 0
     missing_genes: tuple[str, ...] = ()
+    in_training: bool = False       # the model's card lists this section among its training data
+
+    @property
+    def training_notice(self) -> str | None:
+        """A warning for a section the model was trained on: its r is not a held-out estimate."""
+        if not self.in_training:
+            return None
+        return (f"{self.section} is one of the sections {self.model} was trained on: these correlations are "
+                "in-sample and overstate how well it predicts new tissue. For held-out figures use a section it "
+                "did not see, or the model card's leave-one-out table (python -m core.cli loso).")
 
     @property
     def units(self) -> str:
@@ -145,10 +155,25 @@ def compare_section(model, section, *, genes: list[str] | None = None, image: st
         image_size=size, mpp=float(section.mpp), spot_diameter_px=float(section.spot_diameter_um / section.mpp),
         spot_ids=tuple(np.asarray(section.counts.obs_names, str)[keep]), xy=np.asarray(section.xy, float)[keep],
         genes=tuple(chosen), measured=measured, predicted=predicted, table=gene_table(measured, predicted, chosen),
-        n_dropped=int((~keep).sum()), missing_genes=tuple(g for g in model.genes if g not in shared))
+        n_dropped=int((~keep).sum()), missing_genes=tuple(g for g in model.genes if g not in shared),
+        in_training=section.name in _training_sections(model.card))
     log.info("%s vs %s: %d spots × %d genes, median r %.3f", section.name, model.key, result.n_spots,
              len(chosen), result.median_r)
     return result
+
+
+def _training_sections(card: dict) -> set[str]:
+    """Section names the model card records as training data (``training_data.sections``)."""
+    data = card.get("training_data")
+    if isinstance(data, str):       # older cards stored the dict's repr
+        import ast
+
+        try:
+            data = ast.literal_eval(data)
+        except (ValueError, SyntaxError):
+            return set()
+    sections = data.get("sections") if isinstance(data, dict) else None
+    return {str(s) for s in sections} if isinstance(sections, (list, tuple)) else set()
 
 
 def _columns(shared: list[str], genes: list[str] | None, name: str) -> list[int]:

@@ -267,6 +267,7 @@ def test_her2st_section_with_the_shipped_model(shared_data):
     model = load_model("breast-her2st", [REPO_ROOT / "models" / "weights"])
     section = read_section(shared_data / "her2st" / "C3")
     cmp = compare_section(model, section)
+    assert cmp.in_training and "in-sample" in cmp.training_notice   # breast-her2st was trained on every section
     raw = pd.read_csv(shared_data / "her2st" / "C3" / "C3.tsv.gz", sep="\t", index_col=0)
     raw.index = raw.index.astype(str)
     raw = raw.loc[:, raw.columns.isin(cmp.genes)]
@@ -281,3 +282,20 @@ def test_her2st_section_with_the_shipped_model(shared_data):
         assert r[j] == pytest.approx(stats.pearsonr(cmp.measured[:, j].astype(float),
                                                     cmp.predicted[:, j].astype(float))[0], abs=1e-6)
     assert cmp.median_r > 0   # a model trained on HER2ST predicts its own genes better than chance
+
+
+def test_a_training_section_is_flagged_as_in_sample(demo_cmp, demo_model):
+    """The model card's training sections (demo card: SYN-A1..C1; breast-her2st: all five HER2ST
+    sections) mark a comparison as in-sample, with a warning in the page, the CLI and the JSON."""
+    from core.training.st_compare import _training_sections
+
+    assert _training_sections({"training_data": {"sections": ["SYN-A1", "SYN-B1"], "held_out": "SYN-D1"}}) == \
+        {"SYN-A1", "SYN-B1"}
+    assert _training_sections({"training_data": "{'sections': ['B4', 'C2'], 'spots': 1015}"}) == {"B4", "C2"}
+    assert _training_sections({}) == set() and _training_sections({"training_data": "not a dict"}) == set()
+    trained = _training_sections(demo_model.card)
+    assert trained and demo_cmp.in_training == (demo_cmp.section in trained)
+    assert (demo_cmp.training_notice is not None) == demo_cmp.in_training
+    from core.analysis.measured_spatial import comparison_json
+
+    assert comparison_json(demo_cmp)["section_in_training_data"] == demo_cmp.in_training
