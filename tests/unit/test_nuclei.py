@@ -31,7 +31,9 @@ def world(tmp_path_factory):
     from core.synth.world import build_world
 
     root = tmp_path_factory.mktemp("nuclei_world")
-    build_world(root, seed=1, n_patients=6, slide_size_px=(1024, 768), n_sections=0)
+    # serial: worker processes would be spawned (other tests leave threads) and re-run whatever script
+    # an earlier AppTest left as __main__
+    build_world(root, seed=1, workers=1, n_patients=6, slide_size_px=(1024, 768), n_sections=0)
     cells = pd.read_parquet(root / "truth" / "cells.parquet")
     patches = []
     for slide_index, (name, c) in enumerate(cells.groupby("slide_file", observed=True)):

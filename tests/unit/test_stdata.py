@@ -29,7 +29,7 @@ def synth_world(tmp_path_factory):
     from core.synth.world import build_world
 
     root = tmp_path_factory.mktemp("stworld")
-    build_world(root, n_patients=2, slide_size_px=(512, 512), n_sections=1, section_size_px=(1500, 1500))
+    build_world(root, workers=1, n_patients=2, slide_size_px=(512, 512), n_sections=1, section_size_px=(1500, 1500))
     return root
 
 
