@@ -15,6 +15,19 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_WORLD = dict(n_patients=60, slide_size_px=(1024, 768), n_sections=4, section_size_px=(3000, 3000))
 
 
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """AppTest runs page scripts as ``__main__`` and leaves the last one in ``sys.modules``; a process
+    pool that spawns its workers (as the code does once threads exist) would re-run that script in
+    every worker. Put pytest's own ``__main__`` back after each test."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if sys.modules.get("__main__") is not main and main is not None:
+        sys.modules["__main__"] = main
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():
