@@ -333,8 +333,7 @@ with _ui.guard():
         c1, c2 = st.columns([3, 2])
         slide_name = c1.selectbox("Slide", names, key="slide",
                                   format_func=lambda n: n if n in predicted else f"{n} (not predicted)")
-        _ui.url_seed("view", "view", ["slide", "compare-slides", "compare-layers"],
-                     parse=lambda v: v)
+        _ui.url_seed("view", "view", ["slide", "compare-slides", "compare-layers"])
         if st.session_state.get("view") in ("slide", "compare-slides", "compare-layers"):
             st.session_state["view"] = VIEWS[["slide", "compare-slides", "compare-layers"].index(st.session_state["view"])]
         default_view = {} if "view" in st.session_state else {"default": VIEWS[0]}

@@ -5,7 +5,7 @@
 (function () {
   "use strict";
   const grid = document.getElementById("grid");
-  const state = { layout: null, panels: [], syncing: false, clicks: 0, args: null, overlayLoads: 0, renders: 0 };
+  const state = { layout: null, panels: [], leader: null, clicks: 0, args: null, overlayLoads: 0, renders: 0 };
   window.tessera = state;   // for the browser test and the benchmark
 
   function send(type, data) {
