@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.config import load_settings
 from core.errors import TesseraError
-from core.vocab import ENDPOINTS, MIN_TISSUE
+from core.vocab import ENDPOINTS, MIN_TISSUE, STRIDES
 from core.training.loso import METHODS
 
 log = logging.getLogger("tessera")
@@ -112,7 +112,7 @@ def _predict(args, progress, stop) -> tuple[int, str]:
                            f"known: {', '.join(cohorts) or 'none'}. Import it first.")
     options = dict(device=settings.device, batch_size=args.batch_size, workers=args.workers, force=args.force,
                    min_tissue=args.min_tissue, runtime=args.runtime, ingest_wait_s=args.ingest_wait,
-                   nuclei=args.nuclei)
+                   nuclei=args.nuclei, cells=args.cells, stride=args.stride)
     if args.engine == "ray":
         from core.engine.distributed import predict_cohort_ray
 
@@ -460,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true")
     r.add_argument("--nuclei", action="store_true",
                    help="also count nuclei per class in every tile (in the loader workers; ~10-20 ms per tile)")
+    r.add_argument("--cells", action="store_true",
+                   help="find every nucleus as a cell: centroid, outline, morphology, a reference cell type with a "
+                        "confidence and a profile refined against its tile (implies --nuclei; default grid only)")
+    r.add_argument("--stride", type=float, default=1.0, choices=list(STRIDES),
+                   help="tile stride as a fraction of the tile: 0.5 or 0.25 make a high-resolution run of "
+                        "overlapping tiles (stride⁻² as many tiles), cached apart from the default grid (1)")
     r.add_argument("--min-tissue", type=float, default=MIN_TISSUE, help="tissue fraction a tile needs (0–1)")
     r.add_argument("--encoder-weights", type=Path, default=None,
                    help="local weights of a foundation encoder (default: $TESSERA_ENCODER_WEIGHTS, then the path "

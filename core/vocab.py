@@ -54,6 +54,7 @@ TCGA_PATIENT = r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}"
 
 # The share of a tile's area that must be tissue for the tile to be predicted.
 MIN_TISSUE = 0.3
+STRIDES = (1.0, 0.5, 0.25)   # tile strides offered, as fractions of the tile side (1: the default grid)
 
 # Plausible level-0 pixel sizes (µm/px): 0.05 (beyond optical resolution) to 5 (a 2× scan). A value
 # outside (e.g. 352.8 from a 72-dpi TIFF, or a typo in an override) is treated as unknown: the slide

@@ -16,6 +16,7 @@ from core.analysis.spatial import slide_summary
 from core.engine.spool import MAX_INGEST_ATTEMPTS, Spool, spool_dir
 from core.errors import StoreBusyError
 from core.store.db import RunRecord, Store
+from core.wsi.tiling import default_grid
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,11 @@ def ingest_spool(store: Store, spool: Spool, *, failures: dict[str, str] | None 
             try:
                 record, arrays = spool.read_run(run_key)
                 model = record.pop("model")
+                layout = record.pop("cell_layout", None)
                 run = RunRecord(**record)
+                cells = None if layout is None else {
+                    "cells": arrays["cells"], "cell_tile": arrays["cell_tile"], "cell_w": arrays["cell_w"],
+                    "cell_z": arrays["cell_z"], "fields": layout["fields"]}
                 xy = np.stack([arrays["x"], arrays["y"]], axis=1)
             except Exception as exc:  # noqa: BLE001 - a damaged run must not stop the others
                 reason = f"unreadable in the spool: {exc}"
@@ -56,9 +61,12 @@ def ingest_spool(store: Store, spool: Spool, *, failures: dict[str, str] | None 
             try:
                 store.register_model(model["model_id"], model["version"], model["genes"], model["cell_types"],
                                      model["card"])
-                summary = slide_summary(arrays["expression"], xy, run.tile_size, model["genes"])
+                # a high-resolution run's summaries (and Moran's I) are those of its default-grid tiles
+                on_grid = default_grid(xy, run.tile_size) if float(run.tiling.get("stride", 1.0)) != 1.0 else None
+                summary = (slide_summary(arrays["expression"], xy, run.tile_size, model["genes"]) if on_grid is None
+                           else slide_summary(arrays["expression"][on_grid], xy[on_grid], run.tile_size, model["genes"]))
                 store.write_run(run, xy, arrays["tissue"], arrays["expression"], arrays["embedding"],
-                                arrays["composition"], arrays.get("nuclei"), summary=summary)
+                                arrays["composition"], arrays.get("nuclei"), summary=summary, cells=cells)
             except Exception as exc:  # noqa: BLE001 - rolled back by the store; this run only
                 reason = f"the store refused it: {type(exc).__name__}: {exc}"
                 if failures is not None:

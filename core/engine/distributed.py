@@ -40,12 +40,13 @@ def _actor_class():
             self.model = load_model(model_id, [Path(d) for d in model_dirs], encoder_weights=encoder_weights)
             self.engine = Engine(self.model, **engine_kwargs)
 
-        def predict(self, store_path: str, slides: list, tiling: dict, force: bool, nuclei: bool = False) -> list[dict]:
+        def predict(self, store_path: str, slides: list, tiling: dict, force: bool, nuclei: bool = False,
+                    cells: bool = False) -> list[dict]:
             from core.engine.predict import predict_slides
             from core.wsi.tiling import TilingParams
 
             results = predict_slides(store_path, slides, self.model, tiling=TilingParams(**tiling), force=force,
-                                     engine=self.engine, ingest=False, nuclei=nuclei)
+                                     engine=self.engine, ingest=False, nuclei=nuclei, cells=cells)
             return [asdict(r) for r in results]
 
     return SlideWorker
@@ -55,7 +56,7 @@ def predict_cohort_ray(store_path: str | Path, cohort: str, model: LoadedModel, 
                        device: str = "auto", batch_size: int | None = None, workers: int | None = None,
                        force: bool = False, min_tissue: float | None = None, runtime: str = "auto",
                        ingest_wait_s: float = 30.0, nuclei: bool = False, cpus_per_actor: int = 1, group_size: int = 4,
-                       num_cpus: int | None = None) -> list[SlideResult]:
+                       num_cpus: int | None = None, cells: bool = False, stride: float = 1.0) -> list[SlideResult]:
     """Predict a cohort over a Ray cluster (``address``, ``$RAY_ADDRESS``, or a new local instance)."""
     import ray
     from ray.util import ActorPool
@@ -65,7 +66,7 @@ def predict_cohort_ray(store_path: str | Path, cohort: str, model: LoadedModel, 
     access = StoreAccess(store_path)
     with access.open(5.0, or_read_only=True) as st:
         pairs = usable_slides(st, cohort)
-    tiling = model.tiling(**({"min_tissue": min_tissue} if min_tissue is not None else {}))
+    tiling = model.tiling(stride=float(stride), **({"min_tissue": min_tissue} if min_tissue is not None else {}))
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
@@ -90,7 +91,7 @@ def predict_cohort_ray(store_path: str | Path, cohort: str, model: LoadedModel, 
         groups = [pairs[i:i + group_size] for i in range(0, len(pairs), group_size)]
         pool = ActorPool(actors)
         results: list[SlideResult] = []
-        for group in pool.map_unordered(lambda a, g: a.predict.remote(str(store_path), g, asdict(tiling), force, nuclei),
+        for group in pool.map_unordered(lambda a, g: a.predict.remote(str(store_path), g, asdict(tiling), force, nuclei, cells),
                                         groups):
             results.extend(SlideResult(**r) for r in group)
             access.ingest(wait_s=0.0)

@@ -47,6 +47,23 @@ class LoadedModel:
     card: dict
     module: object  # models.scist.TesseraModel (torch is imported lazily)
     encoder_weights: str | None = None  # the local encoder weights loaded (foundation encoders), verified
+    directory: Path | None = None       # the model's folder (card.json, model.pt, optional cell_typer.json)
+
+    @property
+    def cell_typer_path(self) -> Path | None:
+        """The learned per-nucleus typer shipped beside the model (``cell_typer.json``), if any."""
+        path = None if self.directory is None else Path(self.directory) / "cell_typer.json"
+        return path if path is not None and path.is_file() else None
+
+    @property
+    def cells_variant(self) -> str:
+        """What a cells run of this model depends on beyond the model: the typer (its digest)."""
+        path = self.cell_typer_path
+        if path is None:
+            return "posterior"
+        import hashlib
+
+        return "typer-" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
     @property
     def key(self) -> str:
@@ -168,4 +185,4 @@ def load_model(model_id: str, model_dirs, *, encoder_weights: str | Path | None 
             "Tessera (`python -m core.cli train`) or remove the folder.") from None
     card_json = {**card_json, "version": card.version}
     return LoadedModel(card.model_id, card.version, list(card.genes), list(card.cell_types), card_json, module,
-                       encoder_weights=getattr(module, "encoder_weights", None))
+                       encoder_weights=getattr(module, "encoder_weights", None), directory=Path(directory))

@@ -96,10 +96,12 @@ class SlideJob:
 
 
 def run_key_for(slide_fp: str, model_key: str, tiling: TilingParams, slide_mpp: float, *,
-                nuclei: bool = False) -> str:
+                nuclei: bool = False, cells: bool | str = False) -> str:
     """The cache key; the slide's µm/px is part of it, since fixing a wrong µm/px changes the tiles.
-    A run with nucleus counts is a different run (the keys of runs without them are unchanged)."""
-    payload = f"{slide_fp}|{model_key}|{tiling.key()}|{slide_mpp:.6g}" + ("|nuclei" if nuclei else "")
+    A run with nucleus counts, or with cells, is a different run (the keys of runs without them are
+    unchanged); the tiling's key holds the stride of a high-resolution run."""
+    payload = (f"{slide_fp}|{model_key}|{tiling.key()}|{slide_mpp:.6g}" + ("|nuclei" if nuclei else "")
+               + ((f"|cells:{cells}" if isinstance(cells, str) else "|cells") if cells else ""))
     return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
 
 
@@ -113,7 +115,8 @@ def usable_slides(store: Store, cohort: str) -> list[tuple[str, float | None]]:
 
 
 def plan_slide(store: Store, spool: Spool, path: str | Path, model: LoadedModel, tiling: TilingParams, *,
-               mpp_override: float | None = None, force: bool = False, nuclei: bool = False) -> SlideJob | SlideResult:
+               mpp_override: float | None = None, force: bool = False, nuclei: bool = False,
+               cells: bool = False) -> SlideJob | SlideResult:
     """A :class:`SlideResult` (cached, or busy when another writer holds the run) when no model
     work is due here, else the :class:`SlideJob` (holding the run's spool lock)."""
     path = Path(path)
@@ -121,17 +124,17 @@ def plan_slide(store: Store, spool: Spool, path: str | Path, model: LoadedModel,
     slide_fp = fingerprint(store, path)
     with Slide(path, mpp_override=mpp_override) as slide:
         mpp = slide.mpp
-        run_key = run_key_for(slide_fp, model.key, tiling, mpp, nuclei=nuclei)
+        run_key = run_key_for(slide_fp, model.key, tiling, mpp, nuclei=nuclei, cells=cells and model.cells_variant)
         existing = store.find_run(run_key)
         if existing is not None and not force:
             log.info("%s: cached (run %s, %d tiles), no model work", path.name, run_key, existing["n_tiles"])
             return SlideResult(path.name, run_key, "cached", int(existing["n_tiles"]), time.perf_counter() - started)
-        return _job(spool, path, slide, slide_fp, run_key, model, tiling, mpp_override, force, nuclei, started)
+        return _job(spool, path, slide, slide_fp, run_key, model, tiling, mpp_override, force, nuclei, started, cells)
 
 
 def _job(spool: Spool, path: Path, slide: Slide, slide_fp: str, run_key: str, model: LoadedModel,
          tiling: TilingParams, mpp_override: float | None, force: bool, nuclei: bool,
-         started: float) -> SlideJob | SlideResult:
+         started: float, cells: bool = False) -> SlideJob | SlideResult:
     lock = spool.lock(run_key, slide=path.name)
     if lock is None:
         holder = spool.lock_holder(run_key)
@@ -145,7 +148,8 @@ def _job(spool: Spool, path: Path, slide: Slide, slide_fp: str, run_key: str, mo
         if force:
             spool.remove(run_key)
         run = RunRecord(run_key=run_key, slide_fp=slide_fp, model_key=model.key, tiling_key=tiling.key(),
-                        tiling={**asdict(tiling), **({"nuclei": True} if nuclei else {})}, slide_name=path.name,
+                        tiling={**asdict(tiling), **({"nuclei": True} if nuclei else {}),
+                                **({"cells": True} if cells else {})}, slide_name=path.name,
                         slide_path=str(path.resolve()), tile_size=grid.size_level0, width=width, height=height,
                         mpp=slide.mpp, device="", seconds=0.0)
         job = SlideJob(path, mpp_override, run, grid.xy, grid.tissue, lock=lock)
@@ -167,7 +171,7 @@ def _failed(path: Path, exc: BaseException, started: float, run_key: str = "") -
 
 def plan_slides(open_store, spool: Spool, slides: list[tuple[str | Path, float | None]], model: LoadedModel,
                 tiling: TilingParams, *, force: bool = False, nuclei: bool = False,
-                on_open=None) -> list[SlideJob | SlideResult]:
+                on_open=None, cells: bool = False) -> list[SlideJob | SlideResult]:
     """Plan many slides, holding the store only for brief lookups (see the module docstring).
 
     ``open_store()`` returns a context manager giving the store (writable, or read-only: then new
@@ -203,7 +207,8 @@ def plan_slides(open_store, spool: Spool, slides: list[tuple[str | Path, float |
             if i not in fps:
                 fps[i] = new_fps[i] = file_fingerprint(stats[i][0])
             with Slide(path, mpp_override=slides[i][1]) as slide:
-                keys[i] = (run_key_for(fps[i], model.key, tiling, slide.mpp, nuclei=nuclei), slide.mpp)
+                keys[i] = (run_key_for(fps[i], model.key, tiling, slide.mpp, nuclei=nuclei,
+                                      cells=cells and model.cells_variant), slide.mpp)
         except Exception as exc:  # noqa: BLE001 - per slide
             out[i] = _failed(path, exc, starts[i])
     # 3. one brief moment: remember new fingerprints, look the runs up
@@ -227,7 +232,7 @@ def plan_slides(open_store, spool: Spool, slides: list[tuple[str | Path, float |
         try:
             with Slide(path, mpp_override=slides[i][1]) as slide:
                 out[i] = _job(spool, path, slide, fps[i], run_key, model, tiling, slides[i][1], force, nuclei,
-                              starts[i])
+                              starts[i], cells)
         except Exception as exc:  # noqa: BLE001 - per slide
             out[i] = _failed(path, exc, starts[i], run_key)
     return out

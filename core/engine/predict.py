@@ -31,7 +31,7 @@ from core.engine.access import StoreAccess, ingest_spool
 from core.engine.loop import Engine
 from core.engine.modelhub import LoadedModel
 from core.engine.plan import Progress, SlideJob, SlideResult, plan_slides, usable_slides
-from core.errors import IngestError, StoreBusyError
+from core.errors import IngestError, StoreBusyError, TesseraError
 from core.store.db import Store
 from core.wsi.tiling import TilingParams
 
@@ -43,17 +43,24 @@ def predict_slides(store: Store | str | Path, slides: list[tuple[str | Path, flo
                    workers: int | None = None, runtime: str = "auto", force: bool = False,
                    progress: Callable[[Progress], None] | None = None, cancel: Callable[[], bool] | None = None,
                    engine: Engine | None = None, ingest_wait_s: float = 30.0,
-                   ingest: bool = True, nuclei: bool = False) -> list[SlideResult]:
+                   ingest: bool = True, nuclei: bool = False, cells: bool = False) -> list[SlideResult]:
     """Predict ``slides`` ((path, µm/px override or None) pairs) into the store, or serve them from it.
 
     ``nuclei=True`` also counts nuclei per class in every tile (in the loader workers, overlapped
-    with the model); such runs are cached separately from runs without counts.
+    with the model); such runs are cached separately from runs without counts. ``cells=True``
+    goes further: every nucleus becomes a cell (centroid, outline, morphology, type, profile; see
+    :mod:`core.analysis.cells`), stored with the run; it implies the counts, and needs the default
+    grid (stride 1: cells do not depend on the stride, and overlapping tiles would find them twice).
 
     ``ingest=False`` (Ray actors): read the store only, leave finished runs in the spool for the
     driver to ingest.
     """
     access = StoreAccess(store)
     tiling = tiling or model.tiling()
+    if cells and tiling.high_res:
+        raise TesseraError(f"Cells need the default grid: run --cells without --stride (stride {tiling.stride:g} "
+                           "tiles overlap, so each nucleus would be found several times; cells do not depend on it).")
+    nuclei = nuclei or cells
     ingested: set[str] = set()
     failures: dict[str, str] = {}
 
@@ -71,7 +78,7 @@ def predict_slides(store: Store | str | Path, slides: list[tuple[str | Path, flo
 
     # planning holds the store only for brief lookups, never while it hashes or reads slides
     planned = plan_slides(open_store, access.spool, slides, model, tiling, force=force, nuclei=nuclei,
-                          on_open=ingest_earlier)
+                          on_open=ingest_earlier, cells=cells)
     jobs = [p for p in planned if isinstance(p, SlideJob)]
     finished: set[int] = set()
     failed: dict[int, str] = {}
@@ -89,7 +96,7 @@ def predict_slides(store: Store | str | Path, slides: list[tuple[str | Path, flo
                 on_slide = (lambda job: pending.append(background.submit(_ingest, access, 0.0, failures, ingested))
                             ) if ingest else None
                 finished = engine.run(jobs, access.spool, progress=progress, cancel=cancel, nuclei=nuclei,
-                                      on_slide=on_slide, failed=failed)
+                                      on_slide=on_slide, failed=failed, cells=cells)
                 for future in pending:
                     try:
                         future.result()
@@ -149,11 +156,13 @@ def predict_cohort(store: Store | str | Path, cohort: str, model: LoadedModel, *
                    batch_size: int | None = None, workers: int | None = None, force: bool = False,
                    min_tissue: float | None = None, runtime: str = "auto",
                    progress: Callable[[Progress], None] | None = None, cancel: Callable[[], bool] | None = None,
-                   ingest_wait_s: float = 30.0, nuclei: bool = False) -> list[SlideResult]:
-    """Predict every usable slide of a cohort (status ``ok``), honouring µm/px overrides."""
+                   ingest_wait_s: float = 30.0, nuclei: bool = False, cells: bool = False,
+                   stride: float = 1.0) -> list[SlideResult]:
+    """Predict every usable slide of a cohort (status ``ok``), honouring µm/px overrides.
+    ``stride`` ½ or ¼: a high-resolution run (overlapping tiles), cached apart from the default."""
     with StoreAccess(store).open(wait_s=5.0, or_read_only=True) as st:
         pairs = usable_slides(st, cohort)
-    tiling = model.tiling(**({"min_tissue": min_tissue} if min_tissue is not None else {}))
+    tiling = model.tiling(stride=float(stride), **({"min_tissue": min_tissue} if min_tissue is not None else {}))
     return predict_slides(store, pairs, model, tiling=tiling, device=device, batch_size=batch_size,
                           workers=workers, runtime=runtime, force=force, progress=progress, cancel=cancel,
-                          ingest_wait_s=ingest_wait_s, nuclei=nuclei)
+                          ingest_wait_s=ingest_wait_s, nuclei=nuclei, cells=cells)

@@ -263,6 +263,7 @@ class Spool:
             "y": np.asarray(xy[:, 1], np.int32), "tissue": np.asarray(tissue, np.float32),
             **{name: _fixed(outputs[name]) for name in OUTPUTS},
             **({"nuclei": _fixed(outputs["nuclei"], np.int16)} if outputs.get("nuclei") is not None else {}),
+            **(_cell_columns(outputs) if outputs.get("cells") is not None else {}),
         })
         atomic_write(folder / _chunk_name(chunk), lambda p: pq.write_table(table, p))
 
@@ -319,7 +320,8 @@ class Spool:
         order = np.argsort(arrays["tile_idx"], kind="stable")
         if not np.array_equal(arrays["tile_idx"][order], np.arange(table.num_rows)):
             raise SpoolCorruptError(f"run {run_key}: the chunks' tile indices are not 0 … {table.num_rows - 1}")
-        return record, {k: v[order] for k, v in arrays.items()}
+        cells = _read_cells(table, record, order) if "cells" in table.column_names else {}
+        return record, {**{k: v[order] for k, v in arrays.items()}, **cells}
 
     def slide_of(self, run_key: str) -> str:
         """The run's slide name, from its marker or else its lock file ('' when unknown)."""
@@ -431,3 +433,37 @@ def _chunk_name(chunk: int, size: int = CHUNK_TILES) -> str:
 def _fixed(matrix: np.ndarray, dtype=np.float32) -> pa.FixedSizeListArray:
     matrix = np.ascontiguousarray(matrix, dtype=dtype)
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
+
+
+def _cell_columns(outputs: dict) -> dict:
+    """A cells run's chunk columns: per tile, its cells' rows flattened (``cells``: record fields,
+    then cell type and confidence) and the refinement's ``cell_w`` and ``cell_z`` per type."""
+    rows = outputs["cells"]   # per tile: (n_i, CELL_FIELDS + 2) float32
+    lengths = np.array([r.size for r in rows], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate([np.asarray(r, np.float32).ravel() for r in rows]) if len(rows) else np.zeros(0, np.float32)
+    return {"cells": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32())),
+            "cell_w": _fixed(outputs["cell_w"]), "cell_z": _fixed(outputs["cell_z"])}
+
+
+def _read_cells(table: pa.Table, record: dict, order: np.ndarray) -> dict:
+    """Flat per-cell rows ``cells`` ``(M, width)`` with ``cell_tile`` (tile index of each), in
+    tile order, and per-tile ``cell_w``, ``cell_z``."""
+    width = len((record.get("cell_layout") or {}).get("fields") or [])
+    if width <= 0:
+        raise SpoolCorruptError("a cells run's marker lacks its cell_layout")
+    col = table.column("cells").combine_chunks()
+    lengths = np.diff(np.asarray(col.offsets))
+    if (lengths % width).any():
+        raise SpoolCorruptError(f"cell rows are not multiples of {width} values")
+    flat = np.asarray(col.flatten(), np.float32)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    tile_idx = np.asarray(table.column("tile_idx").to_numpy(), np.int32)
+    per_tile = [flat[starts[i]:starts[i + 1]].reshape(-1, width) for i in order]
+    counts = lengths[order] // width
+    out = {"cells": np.concatenate(per_tile) if per_tile else np.zeros((0, width), np.float32),
+           "cell_tile": np.repeat(tile_idx[order], counts).astype(np.int32)}
+    for name in ("cell_w", "cell_z"):
+        c = table.column(name).combine_chunks()
+        out[name] = np.asarray(c.flatten(), np.float32).reshape(len(c), -1)[order]
+    return out

@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow as pa
 
 from core.errors import StoreBusyError, StoreError
+from core.store.cell_tables import CellTables
 from core.store.domain_tables import DomainTables
 from core.store.queries import StoreQueries
 from core.store.schema import (_PRED_KEYS, SCHEMA_VERSION, SLIDE_COLUMNS, SUMMARY_COLUMNS, ModelInfo,  # noqa: F401
@@ -55,7 +56,7 @@ def cohort_table_name(name: str) -> str:
     return f"clinical_{slug(name)[:40]}_{hashlib.blake2b(name.encode(), digest_size=4).hexdigest()}"
 
 
-class Store(StoreQueries, DomainTables):
+class Store(StoreQueries, DomainTables, CellTables):
     """A DuckDB file holding cohorts, predictions and summaries; use as a context manager."""
 
     def __init__(self, path: str | Path, *, read_only: bool = False, wait_s: float = 2.0,
@@ -168,13 +169,15 @@ class Store(StoreQueries, DomainTables):
 
     def write_run(self, run: RunRecord, xy: np.ndarray, tissue: np.ndarray, expression: np.ndarray,
                   embedding: np.ndarray, composition: np.ndarray, nuclei: np.ndarray | None = None, *,
-                  summary: pd.DataFrame) -> int:
+                  summary: pd.DataFrame, cells: dict | None = None) -> int:
         """Write a whole slide's results atomically; the ``runs`` row is the completion marker.
         A run written again replaces the old one under a new ``run_id``. Returns the run id.
 
         ``nuclei``: optional per-tile nucleus counts per class [n, C]. ``summary``: the slide's
         statistics per gene (``SUMMARY_COLUMNS``: gene, mean, median, q90, morans_i), computed by
         :func:`core.analysis.spatial.slide_summary`; the store stores them, it does not compute them.
+        ``cells``: a cells run's cells as read from the spool (``cells``, ``cell_tile``, ``cell_w``,
+        ``cell_z`` and the record ``fields``), written in the same transaction.
         """
         info = self.model_info(run.model_key)
         genes = info.genes
@@ -200,6 +203,7 @@ class Store(StoreQueries, DomainTables):
             if old is not None:
                 for table in ("tiles", "tile_vectors", info.pred_table):
                     con.execute(f"DELETE FROM {table} WHERE run_id=?", [old[0]])
+                self._drop_cells(old[0])
                 con.execute("DELETE FROM runs WHERE run_key=?", [run.run_key])
             con.execute("DELETE FROM slide_summary WHERE run_key=?", [run.run_key])
             ids = np.full(n, run_id, dtype=np.int32)
@@ -215,6 +219,8 @@ class Store(StoreQueries, DomainTables):
                 vec["nuclei"] = list_array(nuclei, np.int16)
             con.register("_vec", pa.table(vec))
             con.execute("INSERT INTO tile_vectors BY NAME SELECT * FROM _vec")
+            if cells is not None:
+                self._write_cells(run_id, xy, cells)
             con.register("_summary", summary)
             con.execute("INSERT INTO slide_summary BY NAME SELECT * FROM _summary")
             con.execute("""INSERT INTO runs (run_id, run_key, slide_fp, model_key, tiling_key, tiling, slide_name,
@@ -340,14 +346,15 @@ class Store(StoreQueries, DomainTables):
                     WHERE s.cohort = ? AND r.model_key = m.model_key) AS predicted
             FROM models m ORDER BY m.registered_at""", [cohort]).df()
 
-    def cohort_runs(self, cohort: str, model_key: str) -> pd.DataFrame:
-        """Every slide of the cohort with its latest complete run for the model (or NULL)."""
+    def cohort_runs(self, cohort: str, model_key: str, *, stride: float = 1.0) -> pd.DataFrame:
+        """Every slide of the cohort with its latest complete run for the model (or NULL) on the
+        default grid, or with ``stride`` ½ / ¼ its latest high-resolution run."""
         return self.con.execute("""
             SELECT s.* EXCLUDE (n_tiles, width, height), r.run_key, r.n_tiles, r.tile_size,
                    coalesce(r.width, s.width) AS width, coalesce(r.height, s.height) AS height, r.finished_at
             FROM cohort_slides s
-            LEFT JOIN (SELECT * FROM runs WHERE model_key = ?
+            LEFT JOIN (SELECT * FROM runs WHERE model_key = ? AND coalesce(TRY_CAST(tiling->>'stride' AS DOUBLE), 1.0) = ?
                        QUALIFY row_number() OVER (PARTITION BY slide_fp, mpp ORDER BY finished_at DESC) = 1) r
               ON r.slide_fp = s.fingerprint AND abs(r.mpp - s.mpp) < 1e-9
-            WHERE s.cohort = ? ORDER BY s.patient, s.slide_name""", [model_key, cohort]).df()
+            WHERE s.cohort = ? ORDER BY s.patient, s.slide_name""", [model_key, float(stride), cohort]).df()
 

@@ -122,9 +122,20 @@ class StoreQueries:
         return np.asarray(tbl.column("id").to_numpy(), dtype=np.int64), stack_lists(tbl.column("embedding"))
 
     def model_runs(self, model_key: str) -> pd.DataFrame:
-        """run_id, run_key, n_tiles of every complete run of a model."""
-        return self.con.execute("SELECT run_id, run_key, n_tiles FROM runs WHERE model_key=? ORDER BY run_id",
+        """run_id, run_key, n_tiles of every complete default-grid run of a model (high-resolution
+        runs repeat the same tissue in overlapping tiles: they stay out of indexes and references)."""
+        return self.con.execute("""SELECT run_id, run_key, n_tiles FROM runs WHERE model_key=?
+                                   AND coalesce(TRY_CAST(tiling->>'stride' AS DOUBLE), 1.0) = 1.0 ORDER BY run_id""",
                                 [model_key]).df()
+
+    def high_res_runs(self, model_key: str, slide_fp: str, mpp: float) -> pd.DataFrame:
+        """A slide's latest high-resolution run per stride: stride, run_key, n_tiles, tile_size."""
+        return self.con.execute("""
+            SELECT TRY_CAST(tiling->>'stride' AS DOUBLE) AS stride, run_key, n_tiles, tile_size FROM runs
+            WHERE model_key = ? AND slide_fp = ? AND abs(mpp - ?) < 1e-9
+              AND coalesce(TRY_CAST(tiling->>'stride' AS DOUBLE), 1.0) < 1.0
+            QUALIFY row_number() OVER (PARTITION BY stride ORDER BY finished_at DESC) = 1
+            ORDER BY stride DESC""", [model_key, slide_fp, float(mpp)]).df()
 
     def tiles_by_id(self, ids: np.ndarray) -> pd.DataFrame:
         """Tiles addressed by ``run_id << 32 | tile_idx``, in the order given: run_key, run_id,

@@ -2,7 +2,8 @@
 
 Versions: v1 tables; v2 the import report's columns on ``cohort_slides``; v3 Moran's I in
 ``slide_summary``; v4 an integer ``run_id`` leading every per-tile table (x/y in ``pred_*``) and
-per-tile nucleus counts. Older stores are upgraded in place by the first writer.
+per-tile nucleus counts; v5 the cell tables (``cells``, ``cell_tiles``: :mod:`core.store.cell_tables`).
+Older stores are upgraded in place by the first writer.
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from core.errors import OutdatedStoreError, StoreError
+from core.store.cell_tables import CELL_SCHEMA
 from core.store.domain_tables import DOMAIN_SCHEMA
 
 log = logging.getLogger(__name__)
-log = logging.getLogger(__name__)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -126,6 +127,7 @@ def migrate(con, path: Path) -> None:
     """Create missing tables and bring an older store to ``SCHEMA_VERSION`` in place."""
     con.execute(_SCHEMA)
     con.execute(DOMAIN_SCHEMA)
+    con.execute(CELL_SCHEMA)
     for column, kind in _COHORT_SLIDE_V2:
         con.execute(f"ALTER TABLE cohort_slides ADD COLUMN IF NOT EXISTS {column} {kind}")
     for column, kind in _SUMMARY_V3:

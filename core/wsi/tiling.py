@@ -10,26 +10,41 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import NoTissueError
-from core.vocab import MIN_TISSUE
+from core.vocab import MIN_TISSUE, STRIDES
 from core.wsi.slide import Slide
 from core.wsi.tissue import TissueMask, _as_rgb
 
 
 @dataclass(frozen=True)
 class TilingParams:
-    """How a slide is cut: physical tile size, the model's µm/px and the tissue threshold."""
+    """How a slide is cut: physical tile size, the model's µm/px, the tissue threshold and the
+    stride as a fraction of the tile (1: the default non-overlapping grid; ½ or ¼: a high-resolution
+    run of overlapping tiles, HisToSGE-style, with stride⁻² as many tiles)."""
 
     tile_um: float = 112.0
     mpp: float = 1.0
     min_tissue: float = MIN_TISSUE
     mask_mpp: float = 8.0
+    stride: float = 1.0
+
+    def __post_init__(self):
+        if self.stride not in STRIDES:
+            raise ValueError(f"stride {self.stride!r}: use one of {', '.join(f'{s:g}' for s in STRIDES)} "
+                             "(a fraction of the tile)")
 
     @property
     def out_px(self) -> int:
         return int(round(self.tile_um / self.mpp))
 
+    @property
+    def high_res(self) -> bool:
+        return self.stride != 1.0
+
     def key(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True).encode()
+        values = asdict(self)
+        if not self.high_res:      # the keys of default-grid runs are those from before strides existed
+            values.pop("stride")
+        payload = json.dumps(values, sort_keys=True).encode()
         return hashlib.blake2b(payload, digest_size=8).hexdigest()
 
 
@@ -62,16 +77,19 @@ def tissue_mask(slide: Slide, *, mask_mpp: float = 8.0):
 
 
 def tile_grid(slide: Slide, params: TilingParams, *, tissue=None) -> TileGrid:
-    """A non-overlapping grid of ``params.tile_um`` µm tiles keeping those with enough tissue.
+    """A grid of ``params.tile_um`` µm tiles keeping those with enough tissue: non-overlapping at
+    stride 1; at stride ½ or ¼ the tiles start every ½ or ¼ tile and overlap, and the tiles of the
+    default grid are among them (their top-left corners are multiples of the tile side).
 
     ``tissue`` may be a precomputed ``(TissueMask, thumb, mask_scale)`` from :func:`tissue_mask`.
     """
     from core.wsi.tissue import tile_tissue_fraction
 
     size = int(round(params.tile_um / slide.mpp))
+    step = grid_step(size, params.stride)
     w, h = slide.dimensions
     detected, _, mask_scale = tissue or tissue_mask(slide, mask_mpp=params.mask_mpp)
-    gx, gy = np.meshgrid(np.arange(0, w - size + 1, size), np.arange(0, h - size + 1, size))
+    gx, gy = np.meshgrid(np.arange(0, w - size + 1, step), np.arange(0, h - size + 1, step))
     xy = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
     frac = tile_tissue_fraction(detected.mask, mask_scale, xy, size)
     keep = frac >= params.min_tissue
@@ -82,6 +100,22 @@ def tile_grid(slide: Slide, params: TilingParams, *, tissue=None) -> TileGrid:
             "tissue threshold."
         )
     return TileGrid(xy=xy[keep], size_level0=size, tissue=frac[keep].astype(np.float32), params=params)
+
+
+def grid_step(size_level0: int, stride: float) -> int:
+    """Level-0 px between neighbouring tiles: the tile side times the stride, rounded so that the
+    default grid's corners (multiples of the side) stay on the finer grid when it divides evenly."""
+    if stride == 1.0:
+        return int(size_level0)
+    n = int(round(1.0 / stride))
+    return max(1, int(size_level0) // n) if int(size_level0) % n == 0 else max(1, int(round(size_level0 * stride)))
+
+
+def default_grid(xy: np.ndarray, size_level0: int) -> np.ndarray:
+    """Which tiles of a (high-resolution) grid are tiles of the default grid: corners at multiples
+    of the tile side. Where none are (a side the stride does not divide), all tiles count."""
+    on = (np.asarray(xy) % int(size_level0) == 0).all(axis=1)
+    return on if on.any() else np.ones(len(on), bool)
 
 
 def preview(path: str | Path, params: TilingParams, *, mpp_override: float | None = None,
