@@ -49,7 +49,7 @@ def ingest_spool(store: Store, spool: Spool, *, failures: dict[str, str] | None 
                 run = RunRecord(**record)
                 cells = None if layout is None else {
                     "cells": arrays["cells"], "cell_tile": arrays["cell_tile"], "cell_w": arrays["cell_w"],
-                    "cell_z": arrays["cell_z"], "fields": layout["fields"]}
+                    "cell_z": arrays["cell_z"], "fields": layout["fields"], "profiles": layout.get("profiles")}
                 xy = np.stack([arrays["x"], arrays["y"]], axis=1)
             except Exception as exc:  # noqa: BLE001 - a damaged run must not stop the others
                 reason = f"unreadable in the spool: {exc}"

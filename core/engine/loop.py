@@ -305,8 +305,10 @@ class Engine:
         if job.run.tiling.get("cells"):
             from core.wsi.cells import CELL_FIELDS
 
+            self._cell_setup()
             marker["cell_layout"] = {"fields": [*CELL_FIELDS, "cell_type", "confidence"],
-                                     "typer": getattr(getattr(self, "_typer", None), "name", "posterior")}
+                                     "typer": getattr(self._typer, "name", "posterior"),
+                                     "profiles": self._profiles.tolist()}
         spool.finish(job.run_key, marker, job.n_chunks)
         job.release()   # the run is complete: an ingest may take it now
         log.info("%s: %d tiles done (%.1f s)", job.name, len(job.xy), seconds)

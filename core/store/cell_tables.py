@@ -7,6 +7,8 @@ Layout (chosen by measurement, ``python -m benchmarks.cells_bench``):
   class, the reference ``cell_type`` (index into the model's cell types) and its ``confidence``.
 - ``cell_tiles``: per tile of a cells run, the refinement's mixture weights ``w`` and
   normalisers ``z`` per type (:mod:`core.analysis.cells`).
+- ``model_profiles``: the reference profiles (types × genes, log1p CP10k) of each model that made a
+  cells run, so readers compute cell values without loading the model.
 
 Profiles are not stored per cell: a cell's value of a gene is computed from its type, its tile's
 factors and the tile's stored prediction (:func:`core.analysis.cells.cell_values`), which keeps a
@@ -25,6 +27,8 @@ CREATE TABLE IF NOT EXISTS cells (
     area_um2 REAL, eccentricity REAL, solidity REAL, h_mean REAL, h_rel REAL, h_core_ratio REAL,
     e_ring REAL, density REAL, nucleus_class UTINYINT, cell_type UTINYINT, confidence REAL);
 CREATE TABLE IF NOT EXISTS cell_tiles (run_id INTEGER, tile_idx INTEGER, w FLOAT[], z FLOAT[]);
+CREATE TABLE IF NOT EXISTS model_profiles (
+    model_key VARCHAR PRIMARY KEY, cell_types VARCHAR[], genes VARCHAR[], profiles FLOAT[]);
 """
 CELL_COLUMNS = ["x", "y", "major_um", "minor_um", "angle", "area_um2", "eccentricity", "solidity", "h_mean",
                 "h_rel", "h_core_ratio", "e_ring", "density", "nucleus_class", "cell_type", "confidence"]
@@ -50,10 +54,17 @@ def cell_table(run_id: int, xy: np.ndarray, cells: np.ndarray, cell_tile: np.nda
 class CellTables:
     """Writes (inside :meth:`Store.write_run`'s transaction) and reads of the cell tables."""
 
-    def _write_cells(self, run_id: int, xy: np.ndarray, cells: dict) -> None:
+    def _write_cells(self, run_id: int, xy: np.ndarray, cells: dict, model_key: str) -> None:
         from core.store.schema import list_array
 
         con = self.con
+        if cells.get("profiles") is not None:
+            prof = np.asarray(cells["profiles"], np.float32)
+            info = self.model_info(model_key)
+            if prof.shape != (len(info.cell_types), len(info.genes)):
+                raise ValueError(f"profiles are {prof.shape}, expected {(len(info.cell_types), len(info.genes))}")
+            con.execute("INSERT OR REPLACE INTO model_profiles VALUES (?, ?, ?, ?)",
+                        [model_key, info.cell_types, info.genes, prof.ravel().tolist()])
         con.register("_cells", cell_table(run_id, xy, cells["cells"], cells["cell_tile"], cells["fields"]))
         n = len(cells["cell_w"])
         con.register("_cell_tiles", pa.table({"run_id": np.full(n, run_id, np.int32),
@@ -100,6 +111,18 @@ class CellTables:
         tbl = self.con.sql("SELECT w, z FROM cell_tiles WHERE run_id = ? ORDER BY tile_idx",
                            params=[self._run_id(run_key)]).to_arrow_table()
         return stack_lists(tbl.column("w")), stack_lists(tbl.column("z"))
+
+    def model_profiles(self, model_key: str) -> pd.DataFrame | None:
+        """The model's reference profiles (cell types × genes, log1p CP10k) as stored with its
+        cells runs, or None when it has made none."""
+        if not self._has_table("model_profiles"):
+            return None
+        row = self._one("SELECT cell_types, genes, profiles FROM model_profiles WHERE model_key = ?", [model_key])
+        if row is None:
+            return None
+        types, genes, flat = row
+        return pd.DataFrame(np.asarray(flat, np.float64).reshape(len(types), len(genes)), index=list(types),
+                            columns=list(genes))
 
     def cell_type_counts(self, run_keys: list[str]) -> pd.DataFrame:
         """Cells per (run_key, cell_type index), for cell-type fractions."""

@@ -220,7 +220,7 @@ class Store(StoreQueries, DomainTables, CellTables):
             con.register("_vec", pa.table(vec))
             con.execute("INSERT INTO tile_vectors BY NAME SELECT * FROM _vec")
             if cells is not None:
-                self._write_cells(run_id, xy, cells)
+                self._write_cells(run_id, xy, cells, run.model_key)
             con.register("_summary", summary)
             con.execute("INSERT INTO slide_summary BY NAME SELECT * FROM _summary")
             con.execute("""INSERT INTO runs (run_id, run_key, slide_fp, model_key, tiling_key, tiling, slide_name,
