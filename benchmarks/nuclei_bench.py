@@ -2,8 +2,7 @@
 
 ``python -m benchmarks.nuclei_bench [--split eval|tune] [--slides 5] [--per-slide 8] [--json]``
 
-Data  the demo world (``data/demo``, built by ``python -m core.cli demo`` when absent is NOT done
-      here: build it first). Slides are taken in ``world.json`` order: ``eval`` (the default) uses
+Data  the demo world (``data/demo``; build it first with ``python -m core.cli demo``). Slides are taken in ``world.json`` order: ``eval`` (the default) uses
       the LAST ``--slides`` slides, ``tune`` the FIRST ones, so parameters chosen on ``tune`` are
       reported on slides they never saw. Per slide, the non-overlapping 112 µm windows of the
       level-0 grid holding ≥ 15 true cells are candidates and ``--per-slide`` of them, evenly spaced
@@ -61,9 +60,9 @@ NO_NUCLEUS: set[str] = {"red_cell", "erythrocyte", "rbc"}  # none of these is in
 HTK_REF_MU = (8.63234435, -0.11501964, 0.03868433)
 HTK_REF_STD = (0.57506023, 0.10403329, 0.01364062)
 HTK_DEFAULT = {"fg": 60.0, "rmin": 6.0, "rmax": 20.0, "search": 10.0, "area": 80.0}
-# chosen on --split tune (first 5 slides × 8 patches, both resolutions pooled); see the report
-# (coordinate search over fg 60–210, rmin 2–8, rmax 8–20, search 4–14, area 20–80; F1 0.42 → 0.75
-# at 0.5 µm/px, 0.38 → 0.66 at 1.0 on those slides)
+# chosen on --split tune (first 5 slides × 8 patches, mean F1 of both resolutions) by a coordinate
+# search over fg 60–210, rmin 2–8, rmax 8–20, search 4–14, area 20–80: F1 there 0.42 → 0.75 at
+# 0.5 µm/px, 0.39 → 0.65 at 1.0
 HTK_TUNED = {"fg": 120.0, "rmin": 2.0, "rmax": 8.0, "search": 10.0, "area": 40.0}
 
 
