@@ -18,7 +18,7 @@ ALLOWED = {
     "core.cohort": BASE | {"core.wsi", "core.store"},
     "core.analysis": BASE | {"core.wsi", "core.store"},
     "core.engine": BASE | {"core.wsi", "core.store", "core.analysis", "models"},   # analysis: slide summaries at ingest
-    "core.training": BASE | {"core.wsi", "core.engine", "models"},                 # engine: the model hub
+    "core.training": BASE | {"core.wsi", "core.engine", "core.analysis", "core.synth", "models"},  # engine: the model hub; analysis, synth: cells scored on the demo truth
     "core.synth": BASE | {"core.wsi"},                                             # wsi: the true bulk uses the engine's tiling
     "core.export": BASE | {"core.wsi", "core.store", "core.analysis"},             # files of what analysis computes
     "core.viewer": BASE | {"core.wsi"},                                            # tiles read from the slide
