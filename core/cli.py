@@ -572,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     me.set_defaults(func=cmd_measured)
 
     from core.cli_analysis import add_analysis_commands
+    from core.cli_cells import add_cells_commands
     from core.cli_domains import add_domains_commands
     from core.cli_export import add_export_commands
     from core.cli_measured import add_measured_commands
@@ -581,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_domains_commands(sub)
     add_measured_commands(sub)
     add_signatures_commands(sub)
+    add_cells_commands(sub)
     return p
 
 

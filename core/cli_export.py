@@ -5,6 +5,12 @@ core.cli_analysis, kept as ``--format table`` and chosen when ``--variables`` is
     python -m core.cli export --cohort N [--model M] [--slide NAME ...] --format h5ad|geojson|csv|parquet|png|svg
                               [--layers ERBB2,sig:NAME,...] --out PATH [--json -]
     python -m core.cli export --cohort N --variables 'CD8A;signature:cytolytic' --out cohort.xlsx
+    python -m core.cli export --cohort N --level cells [--genes ERBB2,CD8A] --format h5ad|geojson|csv|parquet --out PATH
+
+``--level cells`` writes the cells of cells runs (predict --cells): AnnData (X = the cells' gene
+values, obsm['spatial'] = centroids), QuPath GeoJSON (one detection per cell, its ellipse,
+classification = cell type) or one row per cell. ``--stride 0.5|0.25`` exports the high-resolution
+runs (predict --stride) instead of the default grid.
 
 Calls :func:`core.export.api.export`, the function behind the pages' download buttons.
 """
@@ -22,7 +28,8 @@ def cmd_export(args) -> int:
     with _open(args) as store:
         result = export(store, args.cohort, _model_key(store, args), args.format, args.out, slides=args.slide,
                         layers=args.layers, variables=args.variables, stat=args.stat, vmin=args.vmin, vmax=args.vmax,
-                        cmap=args.cmap, opacity=args.opacity, hires_px=args.hires_px)
+                        cmap=args.cmap, opacity=args.opacity, hires_px=args.hires_px, level=args.level,
+                        stride=args.stride, genes=args.genes)
     if args.json:
         from core.cli import _write_json
 
@@ -66,5 +73,11 @@ def add_export_commands(sub) -> None:
     e.add_argument("--opacity", type=float, default=0.7, help="figures: opacity of the tiles over the tissue (0–1)")
     e.add_argument("--hires-px", type=int, default=None, help="h5ad: long side of each embedded thumbnail (default 2000 px for one slide, "
                         "1000 px each for several)")
+    e.add_argument("--level", default="tiles", choices=["tiles", "cells"],
+                   help="tiles (default) or cells (the cells of runs predicted with --cells; h5ad, geojson, csv, parquet)")
+    e.add_argument("--stride", type=float, default=None,
+                   help="1 (default grid), 0.5 or 0.25: export each slide's high-resolution run of that stride")
+    e.add_argument("--genes", default=None,
+                   help="cells only: genes to export (comma-separated, any case; default: the whole panel)")
     e.add_argument("--json", type=Path, default=None, help="write a summary as JSON (- for stdout)")
     e.set_defaults(func=cmd_export)

@@ -314,7 +314,9 @@ def guard():
 
 
 VARIABLE_KINDS = {"Predicted gene": "predicted", "Signature": "signature", "Spatial domain (fraction of tiles)": "domain",
-                  "Clinical column": "clinical", "Measured gene": "measured"}
+                  "Cell biomarker": "cell", "Clinical column": "clinical", "Measured gene": "measured"}
+CELL_MEASURES = {"Mean of a gene in a cell type": "cell", "Cell-type fraction": "cellfrac",
+                 "Density of a type near another": "celldens"}
 
 
 def variable_picker(cohort: str, model: str | None, key: str, *, label: str = "Variable",
@@ -328,7 +330,8 @@ def variable_picker(cohort: str, model: str | None, key: str, *, label: str = "V
     return spec
 
 
-def _seed_variable(key: str, offered: dict, panel: list, measured: list, clinical: dict, titles: dict) -> None:
+def _seed_variable(key: str, offered: dict, panel: list, measured: list, clinical: dict, titles: dict,
+                   cell_types: list | None = None) -> None:
     """The picker's widgets from the link's ``?<key>=``, on the session's first run of the page."""
     from core.analysis.signatures import library
 
@@ -341,6 +344,9 @@ def _seed_variable(key: str, offered: dict, panel: list, measured: list, clinica
         return
     source, sep, what = str(raw).partition(":")
     source, what = (source, what) if sep else ("predicted", source)
+    if source in ("cell", "cellfrac", "celldens"):
+        _seed_cell_variable(key, offered, str(raw), panel, cell_types or [])
+        return
     kind = {v: k for k, v in offered.items()}.get(source)
     widget, ok = {"predicted": (f"{key}_gene", what in panel), "measured": (f"{key}_meas", what in measured),
                   "clinical": (f"{key}_clin", what in clinical),
@@ -353,6 +359,53 @@ def _seed_variable(key: str, offered: dict, panel: list, measured: list, clinica
     st.session_state[widget] = what
 
 
+def _seed_cell_variable(key: str, offered: dict, raw: str, panel: list, cell_types: list) -> None:
+    from core.analysis.variables import parse_variable
+
+    kind = {v: k for k, v in offered.items()}.get("cell")
+    try:
+        variable = parse_variable(raw, panel=panel, cell_types=cell_types) if kind and cell_types else None
+    except TesseraError:
+        variable = None
+    if variable is None:
+        notice(f"The link's {key}={raw} is not available here; showing the default instead.")
+        return
+    st.session_state[f"{key}_kind"] = kind
+    st.session_state[f"{key}_cellkind"] = {v: k for k, v in CELL_MEASURES.items()}[variable.source]
+    st.session_state[f"{key}_celltype"] = variable.name
+    if variable.source == "cell":
+        st.session_state[f"{key}_cellgene"] = variable.genes[0]
+    if variable.source == "celldens":
+        st.session_state[f"{key}_cellnear"] = variable.near
+        st.session_state[f"{key}_celld"] = float(variable.distance_um)
+
+
+def _cell_picker(key: str, label: str, panel: list, cell_types: list, default_gene: str, box) -> str:
+    """A cell biomarker (:mod:`core.analysis.cell_biomarkers`) as its variable name."""
+    measure = CELL_MEASURES[box.selectbox(f"{label}: cell measure", list(CELL_MEASURES), key=f"{key}_cellkind",
+                                          help="Per slide from its cells (predict with cells); per patient the mean "
+                                               "over the patient's slides.")]
+    c1, c2, c3 = st.columns(3)
+    start = {} if f"{key}_celltype" in st.session_state else {
+        "index": cell_types.index("malignant_epithelial") if "malignant_epithelial" in cell_types else 0}
+    kind = c1.selectbox("Cell type", cell_types, key=f"{key}_celltype", **start)
+    if measure == "cell":
+        start = {} if f"{key}_cellgene" in st.session_state else {
+            "index": panel.index(default_gene) if default_gene in panel else 0}
+        gene = c2.selectbox("Gene", panel, key=f"{key}_cellgene", **start,
+                            help="Mean of the cells' predicted values (log1p CP10k) over this type's cells.")
+        return f"cell:{kind}:{gene}"
+    if measure == "cellfrac":
+        return f"cellfrac:{kind}"
+    start = {} if f"{key}_cellnear" in st.session_state else {
+        "index": cell_types.index("malignant_epithelial") if "malignant_epithelial" in cell_types else 0}
+    near = c2.selectbox("Near cells of", cell_types, key=f"{key}_cellnear", **start)
+    d = c3.number_input("Within (µm)", min_value=1.0, max_value=1000.0, value=50.0, step=5.0, key=f"{key}_celld",
+                        help="Cells of the first type within this distance of any cell of the second, per mm² of "
+                             "that neighbourhood (the union of the discs around the second type's cells).")
+    return f"celldens:{kind}@{near}:{float(d):g}"
+
+
 def _variable_picker(cohort: str, model: str | None, key: str, *, label: str, default_gene: str,
                      kinds: tuple[str, ...]) -> str | None:
     from core.analysis.cohort_stats import usable_clinical
@@ -363,6 +416,9 @@ def _variable_picker(cohort: str, model: str | None, key: str, *, label: str, de
     offered = {}
     panel = genes(model) if model else []
     titles = dict(query(domain_titles, cohort, model)) if model else {}
+    from core.analysis.cell_biomarkers import cohort_cell_types
+
+    cell_types = list(query(cohort_cell_types, cohort, model)) if model else []
     measured = query(Store.measured_genes, cohort)
     clinical = query(usable_clinical, cohort)
     for name in kinds:
@@ -373,11 +429,13 @@ def _variable_picker(cohort: str, model: str | None, key: str, *, label: str, de
             continue
         if source == "domain" and not titles:
             continue
+        if source == "cell" and not cell_types:
+            continue
         offered[name] = source
     if not offered:
         st.info("Nothing to analyse yet: predict the cohort's slides, or import measured expression.")
         return None
-    _seed_variable(key, offered, panel, measured, clinical, titles)
+    _seed_variable(key, offered, panel, measured, clinical, titles, cell_types)
     c1, c2 = st.columns([1, 2])
     kind = offered[c1.selectbox(f"{label}: source", list(offered), key=f"{key}_kind")]
     if kind == "predicted":
@@ -401,6 +459,8 @@ def _variable_picker(cohort: str, model: str | None, key: str, *, label: str, de
                                 help="The fraction of the patient's tiles in this spatial domain (the cohort's "
                                      "domains: Slide page → Spatial domains).")
         return f"domain:{label_of}"
+    if kind == "cell":
+        return _cell_picker(key, label, panel, cell_types, default_gene, c2)
     if kind == "clinical":
         cols = list(clinical)
         column = c2.selectbox(label, cols, key=f"{key}_clin",

@@ -49,7 +49,8 @@ def viewer(panels: list[dict], *, opacity: float, height: int = 560, columns: in
     """Draw 1–4 panels; returns the last click ``{panel, x, y, n}`` (level-0 px) or None.
 
     A panel: ``token``, ``width``, ``height`` (level-0 px), ``title``, ``caption``, ``legend``,
-    ``overlay`` ({url, width_px}) and ``marker`` ({x, y, size}) for the selected tile."""
+    ``overlay`` ({url, width_px, x_px, y_px}: the image covers
+    level-0 ``[x_px, x_px + width_px]`` horizontally, its aspect kept) and ``marker`` ({x, y, size}) for the selected tile."""
     return _component(panels=panels, opacity=float(opacity), height=int(height), columns=columns or len(panels),
                       sync=bool(sync), tile_port=tile_server().port, tile_url=os.environ.get("TESSERA_TILE_URL", ""),
                       key=key, default=None)

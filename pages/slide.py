@@ -4,7 +4,7 @@ side by side on one colour scale with synced zoom; click a tile for its full-res
 profile; the tissue mask and tile grid preview. The URL carries the view."""
 import streamlit as st
 
-from core.analysis import slideview
+from core.analysis import cell_view, slideview
 from core.analysis.overlay import COLORMAPS
 from core.safety import md_escape
 from core.store.db import Store
@@ -14,9 +14,11 @@ from pages import _ui, _viewer
 VIEWS = ("Slide", "Compare slides", "Compare layers")
 RANGES = {"slide": "This slide", "shown": "Slides shown together", "cohort": "Whole cohort", "custom": "Custom"}
 CUSTOM_SIG = "sig:*"
+RESOLUTIONS = {1.0: "default grid", 0.5: "½ tile", 0.25: "¼ tile"}
 
 
-def layer_options(model: str, has_nuclei: bool, has_domains: bool) -> tuple[list[str], dict[str, str]]:
+def layer_options(model: str, has_nuclei: bool, has_domains: bool, has_cells: bool = False
+                  ) -> tuple[list[str], dict[str, str]]:
     from core.analysis.maps import nuclei_layers
     from core.analysis.signatures import library
 
@@ -26,15 +28,18 @@ def layer_options(model: str, has_nuclei: bool, has_domains: bool) -> tuple[list
     options = [f"gene:{g}" for g in genes] + [f"sig:{n}" for n in sigs] + [CUSTOM_SIG]
     options += nuclei_layers() if has_nuclei else []
     options += [slideview.DOMAIN_LAYER] if has_domains else []
-    labels = {CUSTOM_SIG: "Signature · your own genes…", slideview.DOMAIN_LAYER: "Spatial domains (cohort)"}
+    options += [cell_view.CELL_LAYER_TYPE, cell_view.CELL_LAYER_GENE] if has_cells else []
+    labels = {CUSTOM_SIG: "Signature · your own genes…", slideview.DOMAIN_LAYER: "Spatial domains (cohort)",
+              cell_view.CELL_LAYER_TYPE: "Cells · by type", cell_view.CELL_LAYER_GENE: "Cells · a gene…"}
     labels.update({f"sig:{n}": f"Signature · {n}" for n in sigs})
     labels.update({o: f"Nuclei · {o.split(':')[1]} per mm²" for o in nuclei_layers()})
     return options, labels
 
 
-def pick_layer(options, labels, key: str, default: str) -> str:
-    """One layer (a select box; a signature also gets its scoring method)."""
-    if key not in st.session_state:
+def pick_layer(options, labels, key: str, default: str, model: str | None = None) -> str:
+    """One layer (a select box; a signature also gets its scoring method, a cell layer by gene its
+    gene: ``cells:gene:<SYMBOL>``)."""
+    if st.session_state.get(key) not in options:       # first run, or a layer this slide lacks (its cells)
         st.session_state[key] = default if default in options else options[0]
     c1, c2 = st.columns([3, 2])
     choice = c1.selectbox("Layer", options, key=key, format_func=lambda o: labels.get(o, o.split(":", 1)[-1]))
@@ -42,6 +47,14 @@ def pick_layer(options, labels, key: str, default: str) -> str:
         text = c2.text_input("Genes", "CD8A, CD3E, GZMB", key=f"{key}_genes",
                              help="Gene symbols of the model's panel, separated by commas.")
         choice = "sig:" + ",".join(t.strip() for t in text.replace(";", ",").split(",") if t.strip())
+    if choice == cell_view.CELL_LAYER_GENE:
+        genes = _ui.genes(model)
+        gkey = f"{key}_cell_gene"
+        if st.session_state.get(gkey) not in genes:
+            st.session_state[gkey] = "ERBB2" if "ERBB2" in genes else genes[0]
+        gene = c2.selectbox("Gene", genes, key=gkey, help="Each cell coloured by its value of this gene "
+                            "(from its type's reference profile and its tile's prediction).")
+        choice = f"{cell_view.CELL_LAYER_GENE}:{gene}"
     if choice.startswith("sig:"):
         _ui.url_seed(f"{key}_method", "method", ["score_genes", "mean_z"])
         method = c2.selectbox("Scoring", ["score_genes", "mean_z"], key=f"{key}_method",
@@ -58,21 +71,38 @@ def layer_of(model, cohort, row, layer, tile_um):
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def overlay(tiles, tile_size, width, height, vmin, vmax, cmap, tissue_min, n_categories):
+def overlay(tiles, tile_size, width, height, vmin, vmax, cmap, tissue_min, n_categories, step=None, smooth=False):
     return slideview.overlay_view(tiles, tile_size, width, height, vmin=vmin, vmax=vmax, cmap=cmap,
-                                  tissue_min=tissue_min, categories=n_categories)
+                                  tissue_min=tissue_min, categories=n_categories, step=step, smooth=smooth)
 
 
-def panel(row, tiles, labels, layer_name, vrange, display, marker=None) -> dict:
+@st.cache_data(show_spinner=False, max_entries=64)
+def cell_overlay(cells, n_types, width, height, mpp, by, vmin, vmax, cmap, outline):
+    return cell_view.cell_view(cells, n_types, width, height, mpp, by=by, vmin=vmin, vmax=vmax, cmap=cmap,
+                               outline=outline)
+
+
+def panel(row, tiles, labels, layer_name, vrange, display, marker=None, *, step: int | None = None,
+          smooth: bool = False) -> dict:
+    """One viewer panel. ``step``: a high-resolution run's grid step (its tiles colour their
+    central step × step cells); its summary strip is computed on its default-grid tiles."""
     tile_size = int(row["tile_size"])
     w, h = int(row["width"]), int(row["height"])
     view = overlay(tiles, tile_size, w, h, vrange[0], vrange[1], display["cmap"], display["tissue_min"],
-                   len(labels) if labels else None)
+                   len(labels) if labels else None, step, smooth)
     legend = slideview.category_legend(labels) if labels else slideview.legend(vrange[0], vrange[1], display["cmap"])
-    caption = (f"{len(tiles)} tiles" if labels else slideview.summary_caption(slideview.layer_summary(tiles, tile_size)))
+    if labels:
+        caption = f"{len(tiles)} tiles"
+    elif step:
+        on_grid = slideview.default_grid_tiles(tiles, tile_size)
+        caption = (f"{len(tiles)} overlapping tiles, one value every {step} px · summary on the default grid: "
+                   + slideview.summary_caption(slideview.layer_summary(on_grid, tile_size)))
+    else:
+        caption = slideview.summary_caption(slideview.layer_summary(tiles, tile_size))
     return {"token": _viewer.slide_token(row["slide_path"]), "width": w, "height": h, "dzi": _viewer.DZI,
             "title": f"{row['slide_name']} · {layer_name}", "caption": caption, "legend": legend,
-            "overlay": {"url": view.url, "width_px": view.width_px}, "marker": marker}
+            "overlay": {"url": view.url, "width_px": view.width_px, "x_px": view.x_px, "y_px": view.y_px},
+            "marker": marker}
 
 
 def color_range(frames: list, scope: str, robust: bool, cohort_values=None, custom=(0.0, 1.0)) -> list[tuple]:
@@ -86,15 +116,18 @@ def color_range(frames: list, scope: str, robust: bool, cohort_values=None, cust
     return [slideview.shared_range([f["value"].to_numpy()], mode) for f in frames]
 
 
-def display_controls(scopes: list[str]) -> dict:
+def display_controls(scopes: list[str], tissue: bool = True) -> dict:
     c1, c2, c3, c4 = st.columns([2, 2, 2, 2])
     _ui.url_seed("cmap", "cmap", list(COLORMAPS))
     cmap = c1.selectbox("Colour map", list(COLORMAPS), key="cmap")
     opacity = c2.slider("Opacity", 0.0, 1.0, 0.55, 0.05, key="opacity")
     _ui.url_seed("scale", "scale", scopes)
+    if "scale" in st.session_state and st.session_state["scale"] not in scopes:
+        del st.session_state["scale"]
     scope = c3.selectbox("Colour scale", scopes, key="scale", format_func=RANGES.get)
     tissue_min = c4.slider("Hide tiles with tissue below", 0.0, 1.0, 0.0, 0.05, key="tissue_min",
-                           help="Tissue-only display: tiles whose tissue fraction is lower are not coloured.")
+                           help="Tissue-only display: tiles whose tissue fraction is lower are not coloured.") \
+        if tissue else 0.0
     robust = st.toggle("Robust range (2nd–98th percentile)", value=False, key="robust")
     custom = (0.0, 1.0)
     if scope == "custom":
@@ -107,18 +140,21 @@ def display_controls(scopes: list[str]) -> dict:
             "tissue_min": tissue_min or None}
 
 
-def tile_details(model: str, row, tiles_by_layer: dict, x: int, y: int, categories: dict | None = None) -> None:
+def tile_details(model: str, row, tiles_by_layer: dict, x: int, y: int, categories: dict | None = None,
+                 step: int | None = None):
     """The clicked tile: H&E at full resolution, each shown layer's value there (a domain's name for
-    the domain layer: ``categories`` = layer name → labels), and its top predicted genes."""
+    the domain layer: ``categories`` = layer name → labels), and its top predicted genes. Returns
+    the tile (or None). ``step``: a high-resolution layer's grid step (the tile whose centre cell
+    was clicked; its profile is read from ``row``'s run)."""
     from core.analysis import crossmodal
     from core.analysis.plots import profile_bars
 
     tile_size = int(row["tile_size"])
     first = next(iter(tiles_by_layer.values()))
-    hit = slideview.tile_at(first, x, y, tile_size)
+    hit = slideview.tile_at(first, x, y, tile_size, step)
     if hit is None:
         st.caption(md_escape(f"({x}, {y}) on {row['slide_name']} is background: no tile was predicted there."))
-        return
+        return None
     st.subheader(md_escape(f"Tile {int(hit['tile_idx'])} of {row['slide_name']} at ({int(hit['x'])}, {int(hit['y'])}) px"))
     left, mid, right = st.columns([2, 2, 3])
     out_px = min(tile_size, 1024)
@@ -137,18 +173,25 @@ def tile_details(model: str, row, tiles_by_layer: dict, x: int, y: int, categori
     profile = _ui.query(crossmodal.tile_profile, model, row["run_key"], int(hit["tile_idx"]), top=12)
     right.plotly_chart(profile_bars(profile), width="stretch", key="tile_profile")
     right.caption("Top predicted genes of the tile, log1p(CP10k); red = above the slide's mean.")
+    return hit
 
 
-def marker_for(click, index, row) -> dict | None:
+def marker_for(click, index, row, tiles=None, step: int | None = None) -> dict | None:
     if not click or click.get("panel") != index:
         return None
     size = int(row["tile_size"])
+    if step and tiles is not None:         # overlapping tiles: the one whose centre cell was clicked
+        hit = slideview.tile_at(tiles, click["x"], click["y"], size, step)
+        return None if hit is None else {"x": int(hit["x"]), "y": int(hit["y"]), "size": size}
     return {"x": (click["x"] // size) * size, "y": (click["y"] // size) * size, "size": size}
 
 
 def custom_signature_seed(key: str):
     """A link's ``layer=sig:G1,G2`` (typed genes, not a library set) → the custom-genes widgets."""
     def seeds(raw: str) -> dict | None:
+        gene = cell_view.cell_gene(raw)
+        if gene and len(gene) <= 100:         # ``cells:gene:ERBB2``: checked against the panel when drawn
+            return {key: cell_view.CELL_LAYER_GENE, f"{key}_cell_gene": gene}
         genes = raw[4:] if raw.startswith("sig:") else ""
         if not genes or len(genes) > 2000:
             return None
@@ -156,11 +199,45 @@ def custom_signature_seed(key: str):
     return seeds
 
 
+def resolution_control(model, row, layer: str) -> tuple[object, int | None, bool]:
+    """The Resolution control (default grid | ½ tile | ¼ tile) when the slide has high-resolution
+    runs and the layer is a gene or a signature: (the row of the chosen run, its grid step or None,
+    smooth)."""
+    from core.wsi.tiling import grid_step
+
+    if not layer.startswith(("gene:", "sig:")) or not isinstance(row.get("fingerprint"), str):
+        return row, None, False
+    runs = _ui.query(Store.high_res_runs, model, row["fingerprint"], float(row["mpp"]))
+    strides = [float(x) for x in runs["stride"] if float(x) in RESOLUTIONS] if len(runs) else []
+    if not strides:
+        return row, None, False
+    choices = [RESOLUTIONS[1.0]] + [RESOLUTIONS[x] for x in sorted(set(strides), reverse=True)]
+    c1, c2 = st.columns([3, 2])
+    if st.session_state.get("resolution") not in choices:
+        st.session_state["resolution"] = choices[0]
+    label = c1.segmented_control("Resolution", choices, key="resolution",
+                                 help="A high-resolution run (predict --stride ½ or ¼) has overlapping tiles "
+                                      "every ½ or ¼ tile: each tile's value is drawn in the central cell of "
+                                      "its tile, one cell per step.") or choices[0]
+    stride = next(x for x, name in RESOLUTIONS.items() if name == label)
+    if stride == 1.0:
+        return row, None, False
+    smooth = c2.toggle("Smooth", value=True, key="hr_smooth",
+                       help="A Gaussian smoothing of one cell, drawn four times finer.")
+    hr = runs[runs["stride"].astype(float) == stride].iloc[0]
+    chosen = row.copy()
+    chosen["run_key"], chosen["n_tiles"] = hr["run_key"], hr["n_tiles"]
+    return chosen, grid_step(int(hr["tile_size"]), stride), bool(smooth)
+
+
 def single(cohort, model, slides, row, options, labels, tile_um) -> None:
     _ui.url_seed("layer_a", "layer", options, fallback=custom_signature_seed("layer_a"))
-    layer = pick_layer(options, labels, "layer_a", "gene:ERBB2")
+    layer = pick_layer(options, labels, "layer_a", "gene:ERBB2", model)
+    if cell_view.is_cell_layer(layer):
+        return cells_single(cohort, model, row, layer, labels)
     display = display_controls(["slide", "cohort", "custom"])
-    tiles, cats, note = layer_of(model, cohort, row, layer, tile_um)
+    shown, step, smooth = resolution_control(model, row, layer)
+    tiles, cats, note = layer_of(model, cohort, shown, layer, tile_um)
     if note:
         st.caption(note)
     cohort_vals = None
@@ -171,15 +248,58 @@ def single(cohort, model, slides, row, options, labels, tile_um) -> None:
     ckey = f"click_single_{row['slide_name']}"
     click = st.session_state.get(ckey)
     name = labels.get(layer.split("@")[0], layer.split(":", 1)[-1])
-    panels = [panel(row, tiles, cats, name, vrange, display, marker_for(click, 0, row))]
+    panels = [panel(shown, tiles, cats, name, vrange, display, marker_for(click, 0, shown, tiles, step),
+                    step=step, smooth=smooth)]
     click = _viewer.viewer(panels, opacity=display["opacity"], key=ckey)
     _ui.url_sync({"slide": row["slide_name"], "layer": layer.split("@")[0] if layer.startswith("sig:") else layer,
                   "view": None, "slides": None, "layers": None, "cmap": display["cmap"], "scale": display["scope"]})
     if click:
-        tile_details(model, row, {name: tiles}, int(click["x"]), int(click["y"]), {name: cats})
+        tile_details(model, shown, {name: tiles}, int(click["x"]), int(click["y"]), {name: cats}, step)
     else:
         st.caption("Scroll or pinch to zoom down to full resolution; drag to pan; click a tile for its H&E and profile.")
     export(cohort, model, [row["slide_name"]], [layer], figure_of(display, vrange))
+
+
+def cells_single(cohort, model, row, layer: str, labels: dict) -> None:
+    """The cell layer: every cell of the slide's cells run drawn as its nucleus ellipse (filled or
+    outlined), by type or by a gene's per-cell value; the slide's (and a clicked tile's) cell-type
+    composition below."""
+    gene = cell_view.cell_gene(layer)
+    display = display_controls(["slide", "custom"], tissue=False) if gene else {
+        "cmap": "viridis", "scope": "slide", "robust": False, "custom": (0.0, 1.0), "tissue_min": None,
+        "opacity": st.slider("Opacity", 0.0, 1.0, 0.8, 0.05, key="cell_opacity")}
+    outline = st.toggle("Outlines only", value=False, key="cell_outline",
+                        help="Draw each nucleus as its outline ellipse, so the H&E shows through.")
+    cells, types = _ui.query(cell_view.load_cells, model, row["run_key"], gene)
+    by = "value" if gene else "type"
+    vrange = color_range([cells], display["scope"], display["robust"], None, display["custom"])[0] if gene else (0.0, 1.0)
+    w, h, mpp = int(row["width"]), int(row["height"]), float(row["mpp"])
+    view = cell_overlay(cells, len(types), w, h, mpp, by, vrange[0], vrange[1], display["cmap"], outline)
+    legend = slideview.legend(vrange[0], vrange[1], display["cmap"]) if gene else cell_view.type_legend(types)
+    name = f"Cells · {gene}" if gene else "Cells · by type"
+    ckey = f"click_cells_{row['slide_name']}"
+    click = st.session_state.get(ckey)
+    tiles = _ui.query(Store.run_expression, model, row["run_key"], [])[0]
+    per_tile = cell_view.tile_values(tiles, cells, by=by)
+    panels = [{"token": _viewer.slide_token(row["slide_path"]), "width": w, "height": h, "dzi": _viewer.DZI,
+               "title": f"{row['slide_name']} · {name}", "legend": legend,
+               "caption": cell_view.summary_caption(cells, types, mpp, w, h),
+               "overlay": {"url": view.url, "width_px": view.width_px, "x_px": 0, "y_px": 0},
+               "marker": marker_for(click, 0, row)}]
+    click = _viewer.viewer(panels, opacity=display["opacity"], key=ckey)
+    _ui.url_sync({"slide": row["slide_name"], "layer": layer, "view": None, "slides": None, "layers": None,
+                  "cmap": display["cmap"] if gene else None, "scale": None, "method": None})
+    hit = None
+    if click:
+        value_name = f"{gene}, mean of the tile's cells" if gene else "cells in the tile"
+        hit = tile_details(model, row, {value_name: per_tile}, int(click["x"]), int(click["y"]))
+    else:
+        st.caption("Zoom in to see each cell; click a tile for its H&E, profile and cell-type composition.")
+    comp = cell_view.composition(cells, types, None if hit is None else int(hit["tile_idx"]))
+    st.markdown("**Cell-type composition**" + ("" if hit is None else f" · slide and tile {int(hit['tile_idx'])}"))
+    fraction = st.column_config.ProgressColumn(format="percent", min_value=0.0, max_value=1.0)
+    st.dataframe(comp, hide_index=True, width="stretch", key="cell_comp",
+                 column_config={"slide": fraction, "tile": fraction})
 
 
 def compare_slides(cohort, model, slides, row, options, labels, tile_um) -> None:
@@ -191,6 +311,7 @@ def compare_slides(cohort, model, slides, row, options, labels, tile_um) -> None
     if "cmp_slides" not in st.session_state:
         st.session_state["cmp_slides"] = [row["slide_name"]] + [n for n in predicted if n != row["slide_name"]][:1]
     chosen = st.multiselect("Slides (2–4)", predicted, key="cmp_slides", max_selections=4)
+    options = [o for o in options if not cell_view.is_cell_layer(o)]
     _ui.url_seed("layer_c", "layer", options)
     layer = pick_layer(options, labels, "layer_c", "gene:ERBB2")
     display = display_controls(["shown", "cohort", "custom"])
@@ -224,7 +345,7 @@ def compare_slides(cohort, model, slides, row, options, labels, tile_um) -> None
 
 
 def compare_layers(cohort, model, row, options, labels, tile_um) -> None:
-    pickable = [o for o in options if o != CUSTOM_SIG]
+    pickable = [o for o in options if o != CUSTOM_SIG and not cell_view.is_cell_layer(o)]
     _ui.url_seed("cmp_layers", "layers", pickable, multi=True)
     if "cmp_layers" not in st.session_state:
         st.session_state["cmp_layers"] = [o for o in ("gene:ERBB2", "gene:CD8A") if o in pickable] or pickable[:2]
@@ -351,7 +472,8 @@ with _ui.guard():
                 tile_um, _ = _ui.model_tiling(model)
                 nuclei = _ui.query(Store.has_nuclei, row["run_key"])
                 fitted = has_domains(cohort, model)
-                options, labels = layer_options(model, nuclei, fitted)
+                cells = view == VIEWS[0] and bool(_ui.query(Store.has_cells, row["run_key"]))
+                options, labels = layer_options(model, nuclei, fitted, cells)
                 if view == "Compare slides":
                     compare_slides(cohort, model, slides, row, options, labels, tile_um)
                 elif view == "Compare layers":

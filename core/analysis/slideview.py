@@ -28,23 +28,45 @@ class LayerView:
     vmin: float
     vmax: float
     n_tiles: int
+    x_px: float = 0.0       # where the image's top-left corner lies (a high-resolution run's grid is
+    y_px: float = 0.0       # offset by half a tile minus half a step: its cells are the tiles' centres)
 
 
 def overlay_view(tiles: pd.DataFrame, tile_size: int, width: int, height: int, *, vmin: float, vmax: float,
-                 cmap: str = "viridis", tissue_min: float | None = None, categories: int | None = None) -> LayerView:
+                 cmap: str = "viridis", tissue_min: float | None = None, categories: int | None = None,
+                 step: int | None = None, smooth: bool = False) -> LayerView:
     """The tiles' ``value`` column as an RGBA image, one pixel per grid cell (drawn without
     smoothing, so each tile is a crisp square). ``tissue_min`` hides tiles whose tissue fraction
-    (column ``tissue``) is below it; ``categories`` = number of labels for a categorical layer."""
+    (column ``tissue``) is below it; ``categories`` = number of labels for a categorical layer.
+
+    ``step``: a high-resolution run's grid step (level-0 px, ``stride × tile_size``): each tile's
+    value fills the central ``step × step`` cell of its tile, so the image has one pixel per step,
+    offset by ``(tile_size − step) / 2``. ``smooth``: a Gaussian smoothing of one cell, drawn 4×
+    finer (:func:`core.analysis.overlay.smooth_grid`; not for categorical layers)."""
     keep = tiles
     if tissue_min is not None and "tissue" in tiles.columns:
         keep = tiles[tiles["tissue"].fillna(1.0) >= tissue_min]
     xy = keep[["x", "y"]].to_numpy()
-    grid = overlay.tile_grid(xy, keep["value"].to_numpy(np.float64), tile_size, width, height)
+    pitch = int(step or tile_size)
+    grid = overlay.tile_grid(xy, keep["value"].to_numpy(np.float64), pitch, width, height)
+    rows, cols = grid.shape
+    if smooth and categories is None:
+        grid = overlay.smooth_grid(grid, 1.0, 4)
     rgba = (overlay.colorize_labels(grid, categories) if categories is not None
             else overlay.colorize(grid, vmin, vmax, cmap))
     url = "data:image/png;base64," + base64.b64encode(overlay.png_bytes(rgba)).decode()
-    rows, cols = grid.shape
-    return LayerView(url, cols * tile_size, rows * tile_size, float(vmin), float(vmax), int(len(keep)))
+    off = (tile_size - pitch) / 2.0
+    return LayerView(url, cols * pitch, rows * pitch, float(vmin), float(vmax), int(len(keep)), off, off)
+
+
+def default_grid_tiles(tiles: pd.DataFrame, tile_size: int) -> pd.DataFrame:
+    """The tiles of a high-resolution run that are tiles of the default grid (corners at
+    multiples of the tile side): what its stored summaries and Moran's I are computed on."""
+    from core.wsi.tiling import default_grid
+
+    if tiles.empty:
+        return tiles
+    return tiles[default_grid(tiles[["x", "y"]].to_numpy(), tile_size)]
 
 
 def legend(vmin: float, vmax: float, cmap: str, *, n: int = 7) -> dict:
@@ -83,10 +105,18 @@ def shared_range(value_sets: list[np.ndarray], mode: str = "minmax") -> tuple[fl
     return overlay.value_range(np.concatenate(parts) if parts else np.zeros(0), mode)
 
 
-def tile_at(tiles: pd.DataFrame, x: float, y: float, tile_size: int) -> pd.Series | None:
-    """The tile whose square contains level-0 point (x, y), or None (background, off the slide)."""
+def tile_at(tiles: pd.DataFrame, x: float, y: float, tile_size: int, step: int | None = None) -> pd.Series | None:
+    """The tile whose square contains level-0 point (x, y), or None (background, off the slide).
+    With a high-resolution ``step``: the tile whose central ``step`` cell contains it (the cell the
+    overlay colours with its value), else any tile containing it."""
     if tiles.empty:
         return None
+    if step and step < tile_size:
+        off = (tile_size - step) / 2.0
+        cx, cy = tiles["x"] + off, tiles["y"] + off
+        hit = tiles[(cx <= x) & (x < cx + step) & (cy <= y) & (y < cy + step)]
+        if not hit.empty:
+            return hit.iloc[0]
     hit = tiles[(tiles["x"] <= x) & (x < tiles["x"] + tile_size) & (tiles["y"] <= y) & (y < tiles["y"] + tile_size)]
     return None if hit.empty else hit.iloc[0]
 

@@ -14,7 +14,13 @@ A variable is named by a string that the CLI and the pages share:
 - ``measured:<gene>``: a gene of the measured expression matrix imported for the cohort;
 - ``domain:<Dk or name>``: the fraction of the patient's tiles in a spatial domain of the cohort's
   domain fit for the model (:func:`core.analysis.domains.domain_fraction`; e.g. ``domain:D3`` or
-  ``domain:tumour–immune``), per patient by the same patient rule.
+  ``domain:tumour–immune``), per patient by the same patient rule;
+- cell biomarkers of cells runs (``predict --cells``; :mod:`core.analysis.cell_biomarkers`, where
+  each is defined exactly), per patient the mean over the patient's slides:
+  ``cell:<type>:<gene>`` (mean of the gene in the type's cells, e.g. ``cell:malignant:ERBB2``),
+  ``cellfrac:<type>`` (the type's fraction of the slide's cells) and ``celldens:<A>@<B>[:<µm>]``
+  (A cells per mm² within the distance, default 50 µm, of any B cell, e.g. ``celldens:t_cell@malignant:50``).
+  Types are the model's cell types, matched ignoring case or by a unique prefix.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from core.analysis.biomarkers import STATS, patient_matrix
 from core.errors import AnalysisError
 from core.vocab import ENDPOINTS
 
-SOURCES = ("predicted", "signature", "clinical", "measured", "domain")
+SOURCES = ("predicted", "signature", "clinical", "measured", "domain", "cell", "cellfrac", "celldens")
+CELL_SOURCES = ("cell", "cellfrac", "celldens")
 # Columns of the normalised clinical table that are not variables (ids and the endpoints).
 _NOT_VARIABLES = {"bcr_patient_barcode", *ENDPOINTS, *(f"{e}.time" for e in ENDPOINTS)}
 
@@ -38,7 +45,20 @@ class Variable:
 
     source: str
     name: str                      # gene, column or signature label
-    genes: tuple[str, ...] = ()    # the genes of a signature
+    genes: tuple[str, ...] = ()    # the genes of a signature; the gene of ``cell:<type>:<gene>``
+    near: str = ""                 # ``celldens``: the B type of A@B
+    distance_um: float = 0.0       # ``celldens``: the distance
+
+    @property
+    def cell_measure(self):
+        """The :class:`core.analysis.cell_biomarkers.CellMeasure` of a cell variable (else None)."""
+        from core.analysis.cell_biomarkers import CellMeasure
+
+        if self.source not in CELL_SOURCES:
+            return None
+        kind = {"cell": "mean", "cellfrac": "frac", "celldens": "dens"}[self.source]
+        return CellMeasure(kind, self.name, self.genes[0] if self.genes else None, self.near or None,
+                           self.distance_um or 50.0)
 
     @property
     def label(self) -> str:
@@ -48,19 +68,26 @@ class Variable:
             return f"{self.name} signature (predicted)"
         if self.source == "domain":
             return f"{self.name} (domain fraction)"
+        if self.source in CELL_SOURCES:
+            return self.cell_measure.label
         return f"{self.name} ({self.source})"
 
     @property
     def spec(self) -> str:
         if self.source == "predicted":
             return self.name
+        if self.source in CELL_SOURCES:
+            return self.cell_measure.spec
         return f"{self.source}:{self.name}"
 
 
-def parse_variable(text: str, *, panel: list[str] | None = None, signatures: dict[str, list[str]] | None = None) -> Variable:
+def parse_variable(text: str, *, panel: list[str] | None = None, signatures: dict[str, list[str]] | None = None,
+                   cell_types: list[str] | None = None) -> Variable:
     """``clinical:<col>``, ``measured:<gene>``, ``signature:<name or g1,g2>``, ``domain:<Dk or name>``,
-    ``predicted:<gene>`` or a bare gene symbol (predicted). Gene symbols are matched to ``panel``
-    ignoring case when it is given."""
+    ``cell:<type>:<gene>``, ``cellfrac:<type>``, ``celldens:<A>@<B>[:<µm>]``, ``predicted:<gene>`` or a
+    bare gene symbol (predicted). Gene symbols are matched to ``panel`` ignoring case when it is
+    given; cell types to ``cell_types`` (ignoring case, or a unique prefix) when it is given (else
+    :func:`variable_values` matches them to the model)."""
     text = (text or "").strip()
     if not text:
         raise AnalysisError("Name a variable: a predicted gene (e.g. CD8A), signature:<name or genes>, "
@@ -77,6 +104,8 @@ def parse_variable(text: str, *, panel: list[str] | None = None, signatures: dic
         raise AnalysisError(f"{text!r} names no {source} variable.")
     if source == "predicted":
         return Variable("predicted", _match_gene(what, panel))
+    if source in CELL_SOURCES:
+        return _parse_cell(source, what, text, panel, cell_types)
     if source == "signature":
         library = {k.lower(): (k, v) for k, v in (signatures or {}).items()}
         if what.lower() in library:
@@ -90,6 +119,47 @@ def parse_variable(text: str, *, panel: list[str] | None = None, signatures: dic
         genes = list(dict.fromkeys(_match_gene(g, panel) for g in genes))
         return Variable("signature", ",".join(genes), tuple(genes))
     return Variable(source, what)
+
+
+_CELL_FORMS = {"cell": "cell:<type>:<gene> (e.g. cell:malignant_epithelial:ERBB2)",
+               "cellfrac": "cellfrac:<type> (e.g. cellfrac:t_cell)",
+               "celldens": "celldens:<A>@<B>[:<µm>] (e.g. celldens:t_cell@malignant_epithelial:50)"}
+
+
+def _parse_cell(source: str, what: str, text: str, panel, cell_types) -> Variable:
+    from core.analysis.cell_biomarkers import DEFAULT_DISTANCE_UM, MAX_DISTANCE_UM, resolve_type
+
+    def bad(why: str) -> AnalysisError:
+        return AnalysisError(f"{text!r}: {why}; write {_CELL_FORMS[source]}.")
+
+    def kind(name: str) -> str:
+        name = name.strip()
+        if not name:
+            raise bad("a cell type is missing")
+        return resolve_type(name, cell_types) if cell_types else name
+
+    if source == "cell":
+        typ, sep, gene = what.partition(":")
+        if not sep or not gene.strip():
+            raise bad("name a cell type and a gene")
+        return Variable("cell", kind(typ), (_match_gene(gene.strip(), panel),))
+    if source == "cellfrac":
+        if ":" in what or "@" in what:
+            raise bad("name one cell type")
+        return Variable("cellfrac", kind(what))
+    pair, sep, dist = what.partition(":")
+    a, at, b = pair.partition("@")
+    if not at:
+        raise bad("name two cell types as A@B")
+    d = DEFAULT_DISTANCE_UM
+    if sep:
+        try:
+            d = float(dist.strip().removesuffix("µm").removesuffix("um"))
+        except ValueError:
+            raise bad(f"the distance {dist.strip()!r} is not a number of µm") from None
+        if not (0 < d <= MAX_DISTANCE_UM) or not np.isfinite(d):
+            raise bad(f"the distance must be in (0, {MAX_DISTANCE_UM:g}] µm")
+    return Variable("celldens", kind(a), near=kind(b), distance_um=d)
 
 
 def _match_gene(symbol: str, panel: list[str] | None, *, quiet: bool = False,
@@ -157,6 +227,16 @@ def variable_values(store, cohort: str, variable: Variable, *, model_key: str | 
         if model_key is None:
             raise AnalysisError("Domain fractions need the model whose domains were fitted; choose one (--model).")
         out = domain_fraction(store, cohort, model_key, variable.name)
+    elif variable.source in CELL_SOURCES:
+        from core.analysis.cell_biomarkers import normalise, patient_values
+
+        if model_key is None:
+            raise AnalysisError("Cell biomarkers need the model whose cells were predicted; choose one (--model).")
+        info = store.model_info(model_key)
+        measure = normalise(variable.cell_measure, list(info.cell_types), list(info.genes))
+        variable = Variable(variable.source, measure.cell_type, (measure.gene,) if measure.gene else (),
+                            measure.near or "", measure.distance_um if measure.kind == "dens" else 0.0)
+        out = patient_values(store, cohort, model_key, measure)
     else:
         if model_key is None:
             raise AnalysisError("Predicted variables need a model; choose one (--model).")

@@ -5,11 +5,15 @@ bytes for a download button.
 Formats: ``h5ad`` (AnnData, scanpy-ready), ``geojson`` (QuPath objects, one file per slide),
 ``csv``/``parquet`` (one row per tile), ``png``/``svg`` (a map of one layer on one slide) and
 ``table`` (the cohort table: patients × clinical × biomarkers, .csv/.xlsx/.parquet by suffix).
+
+``level="cells"`` exports the cells of cells runs instead of tiles (h5ad, geojson, csv, parquet;
+:mod:`core.export.cells`); ``stride`` ½ or ¼ exports each slide's high-resolution run
+(``predict --stride``) instead of the default grid, at either level.
 """
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from core.errors import TesseraError
@@ -38,13 +42,20 @@ class ExportResult:
     vmin: float | None = None
     vmax: float | None = None
     columns: list[str] = field(default_factory=list)   # the cohort table's
+    level: str = "tiles"
+    n_cells: int = 0
+    stride: float = 1.0
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         what = (f"{self.n_rows} patients × {len(self.columns)} columns" if self.format == "table" else
+                f"{self.n_cells} cells of {len(self.slides)} slide(s), {len(self.layers)} gene(s)"
+                if self.level == "cells" else
                 f"{self.n_tiles} tiles of {len(self.slides)} slide(s), {len(self.layers)} layer(s)")
+        if self.stride != 1.0:
+            what += f", stride {self.stride:g}"
         scale = f", colour scale {self.vmin:.4g}–{self.vmax:.4g}" if self.vmin is not None else ""
         return f"written {', '.join(self.files)} ({self.format}): {what}{scale}"
 
@@ -69,26 +80,104 @@ def infer_format(fmt: str | None, out: str | Path, variables: str | None) -> str
 def export(store, cohort: str, model_key: str | None, fmt: str, out: str | Path, *, slides: list[str] | None = None,
            layers: str | list[str] | None = None, variables: str | list[str] | None = None, stat: str = "mean",
            domains="auto", vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis",
-           opacity: float = 0.7, hires_px: int | None = None) -> ExportResult:
+           opacity: float = 0.7, hires_px: int | None = None, level: str = "tiles", stride: float | None = None,
+           genes: str | list[str] | None = None) -> ExportResult:
     """Write one export of ``cohort`` and return what was written. ``domains``: ``"auto"`` (each
-    slide's domain fit, if any), None, or ``{run_key: labels}``. Bad input is a
-    :class:`TesseraError` raised before anything is written; files appear only when complete."""
+    slide's domain fit, if any), None, or ``{run_key: labels}``. ``level`` tiles | cells; ``stride``
+    1 (default grid), 0.5 or 0.25 (high-resolution runs); ``genes`` (cells: a subset of the panel,
+    also accepted as gene ``layers``). Bad input is a :class:`TesseraError` raised before anything
+    is written; files appear only when complete."""
+    if not fmt and (level or "").strip().lower() == "cells":   # .csv / .parquet of cells: a cell table
+        fmt = {".csv": "csv", ".parquet": "parquet"}.get(Path(out).suffix.lower())
     fmt = infer_format(fmt, out, variables if isinstance(variables, str) else ";".join(variables or []))
+    level, stride = _check_level(level, stride, fmt, genes)
     if fmt == "table":
+        if stride != 1.0 or level != "tiles":
+            raise TesseraError("The cohort table has one row per patient: --level and --stride do not apply.")
         return _cohort_table(store, cohort, model_key, out, slides, layers, variables, stat)
     if variables:
         raise TesseraError(f"--variables is for the cohort table (--format table); for {fmt} give --layers.")
     _check_options(cmap, opacity, hires_px)
-    chosen, chosen_layers, many = _prepare(store, cohort, model_key, fmt, out, slides, layers)
+    if level == "cells":
+        return _export_cells(store, cohort, model_key, fmt, out, slides, layers, genes, stride, hires_px)
+    chosen, chosen_layers, many = _prepare(store, cohort, model_key, fmt, out, slides, layers, stride=stride)
     out = check_out(out, SUFFIXES[fmt], folder=many)
     if domains == "auto":
-        domains = domains_for(store, cohort, model_key, list(chosen["run_key"]))
+        domains = domains_for(store, cohort, model_key, list(chosen["run_key"])) if stride == 1.0 else None
     data = collect(store, cohort, model_key, slides=list(chosen["slide_name"]), layers=chosen_layers,
-                   domains=domains, expression=fmt == "h5ad")
-    return _write(data, fmt, out, many, vmin=vmin, vmax=vmax, cmap=cmap, opacity=opacity, hires_px=hires_px)
+                   domains=domains, expression=fmt == "h5ad", stride=stride)
+    result = _write(data, fmt, out, many, vmin=vmin, vmax=vmax, cmap=cmap, opacity=opacity, hires_px=hires_px)
+    return replace(result, stride=stride)
 
 
-def _prepare(store, cohort: str, model_key: str | None, fmt: str, out: str | Path, slides, layers):
+LEVELS = ("tiles", "cells")
+STRIDES = (1.0, 0.5, 0.25)
+CELL_FORMATS = ("h5ad", "geojson", "csv", "parquet")
+
+
+def _check_level(level: str | None, stride, fmt: str, genes) -> tuple[str, float]:
+    level = (level or "tiles").strip().lower()
+    if level not in LEVELS:
+        raise TesseraError(f"Unknown --level {level!r}; use tiles or cells.")
+    try:
+        stride = 1.0 if stride is None else float(stride)
+    except (TypeError, ValueError):
+        raise TesseraError(f"--stride must be 1, 0.5 or 0.25; got {stride!r}.") from None
+    if stride not in STRIDES:
+        raise TesseraError(f"--stride must be 1 (the default grid), 0.5 or 0.25 (high-resolution runs); got {stride:g}.")
+    if level == "cells" and fmt not in CELL_FORMATS:
+        raise TesseraError(f"Cells export as {', '.join(CELL_FORMATS)}; {fmt} is tiles only (drop --level cells).")
+    if genes and level != "cells":
+        raise TesseraError("--genes chooses the genes of a cells export (--level cells); for tiles give --layers.")
+    return level, stride
+
+
+def _runs(store, cohort: str, model_key: str, stride: float):
+    """The cohort's runs on the default grid, or its high-resolution runs of ``stride`` (one error
+    when no slide has one)."""
+    runs = store.cohort_runs(cohort, model_key, stride=stride)
+    if stride != 1.0 and runs["run_key"].isna().all():
+        raise TesseraError(f"No slide of cohort {cohort!r} has a high-resolution run at stride {stride:g} for this "
+                           f"model: predict one first (python -m core.cli predict --cohort {cohort} --stride {stride:g}).")
+    return runs
+
+
+def _export_cells(store, cohort, model_key, fmt, out, slides, layers, genes, stride, hires_px) -> ExportResult:
+    from core.export import cells as cx
+
+    if model_key is None:
+        raise TesseraError(f"Cohort {cohort!r} has no predictions yet: predict it with cells first "
+                           f"(python -m core.cli predict --cohort {cohort} --cells).")
+    panel = list(store.model_info(model_key).genes)
+    items = split_layers(genes) + split_layers(layers)
+    chosen_genes = cx.resolve_genes(items, panel) if items else None
+    chosen = select_slides(_runs(store, cohort, model_key, stride), slides, cohort)
+    many = fmt == "geojson" and Path(out).suffix.lower() not in SUFFIXES["geojson"]
+    if fmt == "geojson" and not many and len(chosen) > 1:
+        raise TesseraError(f"GeoJSON is one file per slide and {len(chosen)} slides are chosen: give --out a "
+                           "folder (one <slide>.geojson each is written into it), or one --slide.")
+    cx.check_cells(store, chosen, cohort)
+    out = check_out(out, SUFFIXES[fmt], folder=many)
+    data = cx.collect_cells(store, cohort, model_key, chosen, chosen_genes, stride=stride)
+    from core.export import anndata_io, geojson
+
+    files = [out]
+    if fmt == "h5ad":
+        px = hires_px or (anndata_io.HIRES_PX if len(data.slides) == 1 else anndata_io.HIRES_PX_MANY)
+        atomic_write(out, lambda tmp: cx.write_h5ad(data, tmp, hires_px=px))
+    elif fmt == "geojson":
+        files = [out / geojson.file_name(s) for s in data.slides] if many else [out]
+        with atomic_paths(files) as temps:
+            for slide, tmp in zip(data.slides, temps):
+                cx.write_geojson(data, slide, tmp)
+    else:
+        atomic_write(out, lambda tmp: cx.write_cells_table(data, tmp, fmt))
+    return ExportResult(fmt, [str(f) for f in files], cohort, model_key, [s.slide_name for s in data.slides],
+                        list(data.genes), n_rows=data.n_cells, level="cells", n_cells=data.n_cells, stride=stride)
+
+
+def _prepare(store, cohort: str, model_key: str | None, fmt: str, out: str | Path, slides, layers, *,
+             stride: float = 1.0):
     """(chosen slides, layers or None for the whole panel, GeoJSON into a folder?) after every check
     that needs no slide data."""
     if model_key is None:
@@ -97,7 +186,7 @@ def _prepare(store, cohort: str, model_key: str | None, fmt: str, out: str | Pat
     panel = store.model_info(model_key).genes
     items = split_layers(layers)
     chosen_layers = resolve_layers(items, panel) if items else None
-    chosen = select_slides(store.cohort_runs(cohort, model_key), slides, cohort)
+    chosen = select_slides(_runs(store, cohort, model_key, stride), slides, cohort)
     if fmt in ("png", "svg") and (len(chosen) != 1 or not chosen_layers or len(chosen_layers) != 1):
         raise TesseraError(f"A {fmt.upper()} figure shows one layer of one slide: give one --slide (of "
                            f"{len(chosen)} chosen) and one --layers value (e.g. --layers ERBB2).")

@@ -207,15 +207,16 @@ def domains_for(store, cohort: str, model_key: str, run_keys: list[str]) -> dict
 # ---------------------------------------------------------------- gathering
 
 def collect(store, cohort: str, model_key: str, *, slides: list[str] | None = None, layers: list[Layer] | None = None,
-            domains: dict[str, np.ndarray] | None = None, expression: bool = False) -> ExportData:
+            domains: dict[str, np.ndarray] | None = None, expression: bool = False, stride: float = 1.0) -> ExportData:
     """Everything an export writes. ``layers`` default to the whole panel; ``expression`` also
-    loads each slide's whole [N, G] panel matrix (for AnnData's ``X``)."""
+    loads each slide's whole [N, G] panel matrix (for AnnData's ``X``); ``stride`` ½ / ¼ reads
+    each slide's high-resolution run instead of the default grid."""
     from core.analysis.maps import layer_tiles
 
     info = store.model_info(model_key)
     tile_um, _ = info.tiling
     layers = layers if layers is not None else [Layer(g, f"gene:{g}", "gene", (g,)) for g in info.genes]
-    chosen = select_slides(store.cohort_runs(cohort, model_key), slides, cohort)
+    chosen = select_slides(store.cohort_runs(cohort, model_key, stride=stride), slides, cohort)
     gene_cols = [la.column for la in layers if la.kind == "gene"]
     out = []
     for row in chosen.itertuples(index=False):

@@ -32,16 +32,21 @@ def tile_table(data: ExportData) -> pd.DataFrame:
 
 def write_tiles(data: ExportData, path: Path, fmt: str) -> None:
     """CSV (UTF-8, float32 values written with their shortest exact repr) or Parquet."""
-    table = tile_table(data)
+    write_frame(tile_table(data), path, fmt, data.provenance())
+
+
+def write_frame(table: pd.DataFrame, path: Path, fmt: str, provenance: dict) -> None:
+    """``table`` as CSV (no index) or Parquet, the latter with ``provenance`` in its schema
+    metadata (keys ``tessera.<name>``); shared by the tile and the cell tables."""
     if fmt == "csv":
         table.to_csv(path, index=False)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        meta = {f"tessera.{k}": str(v) for k, v in data.provenance().items()}
-        tbl = pa.Table.from_pandas(table, preserve_index=False)
-        pq.write_table(tbl.replace_schema_metadata({**(tbl.schema.metadata or {}), **meta}), path)
+    meta = {f"tessera.{k}": str(v) for k, v in provenance.items()}
+    tbl = pa.Table.from_pandas(table, preserve_index=False)
+    pq.write_table(tbl.replace_schema_metadata({**(tbl.schema.metadata or {}), **meta}), path)
 
 
 def write_cohort_table(store, cohort: str, variables: list[str], path: Path, *, model_key: str | None,

@@ -10,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from tests.app.test_pages import ROOT, app_env, assert_clean, monkeypatch_module  # noqa: F401
+from tests.cells_world import cells_store  # noqa: F401  (fixture)
 
 
 def viewer_args(at: AppTest) -> dict:
@@ -172,3 +173,130 @@ def test_domains_fit_from_the_page_show_as_a_layer_and_a_variable(demo_env, tmp_
     finally:
         st.cache_data.clear()
         st.cache_resource.clear()
+
+
+@pytest.fixture()
+def cells_hires_env(demo_env, cells_store, tmp_path, monkeypatch):
+    """A store of its own: the tiny world with cells runs (tests/cells_world.py) and a stride-½
+    run of the first slide with cells; yields that slide's name."""
+    import shutil
+
+    import streamlit as st
+
+    from core.config import load_settings
+    from core.engine.access import StoreAccess
+    from core.engine.modelhub import load_model
+    from core.engine.plan import usable_slides
+    from core.engine.predict import predict_slides
+
+    settings, _ = demo_env
+    path = tmp_path / "store.duckdb"
+    shutil.copy(cells_store, path)
+    s = load_settings(demo_dir=settings.demo_dir, store_path=path, device="cpu", workers=0, batch_size=64)
+    model = load_model(s.default_model, s.model_dirs)
+    with StoreAccess(path).open(wait_s=5.0, or_read_only=True) as store:
+        pair = usable_slides(store, "demo")[0]
+    [res] = predict_slides(path, [pair], model, tiling=model.tiling(stride=0.5), device="cpu", workers=0)
+    assert res.status == "computed"
+    from core.store.db import Store
+    with Store(path, read_only=True) as store:
+        key = store.model_coverage("demo")["model_key"].iloc[-1]
+        runs = store.cohort_runs("demo", key)
+        row = runs[runs["slide_path"] == str(pair[0])]
+        name = row.iloc[0]["slide_name"]
+        assert store.has_cells(row.iloc[0]["run_key"])
+        assert len(store.high_res_runs(key, row.iloc[0]["fingerprint"], float(row.iloc[0]["mpp"]))) == 1
+    monkeypatch.setenv("TESSERA_DEMO_DIR", str(settings.demo_dir))
+    monkeypatch.setenv("TESSERA_STORE", str(path))
+    monkeypatch.chdir(ROOT)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield name
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def overlay_image(panel: dict) -> np.ndarray:
+    import base64
+    import io
+
+    from PIL import Image
+
+    data = base64.b64decode(panel["overlay"]["url"].split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))
+
+
+def composition_table(at):
+    """The page's cell-type composition table (AppTest exposes no key on dataframes)."""
+    frames = [d.value for d in at.dataframe if "cell type" in d.value.columns]
+    assert len(frames) == 1, [list(d.value.columns) for d in at.dataframe]
+    return frames[0]
+
+
+def test_cell_layer_by_type_and_by_gene_with_composition(cells_hires_env):
+    at = open_slide({"slide": cells_hires_env})
+    options = at.selectbox(key="layer_a").options
+    assert "Cells · by type" in options and "Cells · a gene…" in options
+    at.selectbox(key="layer_a").select("cells:type").run()
+    assert_clean(at)
+    p = viewer_args(at)["panels"][0]
+    assert p["title"].endswith("Cells · by type") and "cells" in p["caption"]
+    chips = p["legend"]["categories"]
+    assert len(chips) >= 3 and len({c["color"] for c in chips}) == len(chips)     # one colour per type
+    img = overlay_image(p)
+    assert img.shape[1] == p["width"] and (img[..., 3] > 0).mean() > 0.01       # slide resolution, cells drawn
+    drawn = {"#%02x%02x%02x" % tuple(c) for c in np.unique(img[img[..., 3] > 0][:, :3], axis=0)}
+    assert drawn <= {c["color"] for c in chips}
+    comp = composition_table(at)
+    assert comp["slide"].sum() == pytest.approx(1.0) and "tile" not in comp.columns
+    assert at.query_params["layer"] == "cells:type"
+    # outlines only: fewer pixels drawn
+    at.toggle(key="cell_outline").set_value(True).run()
+    assert (overlay_image(viewer_args(at)["panels"][0])[..., 3] > 0).sum() < (img[..., 3] > 0).sum()
+    # a click: the tile's H&E and profile, and the tile's composition next to the slide's
+    from core.store.db import Store
+    with Store(__import__("os").environ["TESSERA_STORE"], read_only=True) as store:
+        key = store.model_coverage("demo")["model_key"].iloc[-1]
+        runs = store.cohort_runs("demo", key)
+        run_key = runs.loc[runs["slide_name"] == cells_hires_env, "run_key"].iloc[0]
+        cells = store.run_cells(run_key, ["x", "y"])
+    c = cells.iloc[len(cells) // 2]
+    at.session_state[f"click_cells_{cells_hires_env}"] = {"panel": 0, "x": int(c["x"]), "y": int(c["y"]), "n": 1}
+    at.run()
+    assert_clean(at)
+    assert any(f"Tile {int(c['tile_idx'])} of" in s.value for s in at.subheader)
+    comp = composition_table(at)
+    assert comp["tile"].sum() == pytest.approx(1.0) and comp["tile n"].sum() >= 1
+    # by gene: a colour bar, the gene picker, and the link carries it
+    at.selectbox(key="layer_a").select("cells:gene").run()
+    at.selectbox(key="layer_a_cell_gene").select("CD8A").run()
+    assert_clean(at)
+    p = viewer_args(at)["panels"][0]
+    assert p["title"].endswith("Cells · CD8A") and "stops" in p["legend"]
+    assert at.query_params["layer"] == "cells:gene:CD8A"
+    at2 = open_slide({"slide": cells_hires_env, "layer": "cells:gene:CD8A"})
+    assert at2.selectbox(key="layer_a").value == "cells:gene"
+    assert at2.selectbox(key="layer_a_cell_gene").value == "CD8A"
+
+
+def test_resolution_control_draws_the_high_res_run(cells_hires_env):
+    at = open_slide({"slide": cells_hires_env, "layer": "gene:ERBB2"})
+    assert at.segmented_control(key="resolution").options == ["default grid", "½ tile"]
+    default = viewer_args(at)["panels"][0]
+    assert default["overlay"]["x_px"] == 0
+    at.segmented_control(key="resolution").set_value("½ tile").run()
+    assert_clean(at)
+    p = viewer_args(at)["panels"][0]
+    step = p["overlay"]["width_px"] / overlay_image(default).shape[1] / 2        # half the default pitch
+    assert p["overlay"]["x_px"] == pytest.approx(step / 2) and p["overlay"]["y_px"] == p["overlay"]["x_px"]
+    assert "summary on the default grid" in p["caption"] and "Moran's I" in p["caption"]
+    # the summary strip is the default grid's
+    assert p["caption"].split("default grid: ")[1] == default["caption"]
+    smooth = overlay_image(p)
+    at.toggle(key="hr_smooth").set_value(False).run()
+    crisp = overlay_image(viewer_args(at)["panels"][0])
+    assert crisp.shape[1] == 2 * overlay_image(default).shape[1] and smooth.shape[1] == 4 * crisp.shape[1]
+    # other views and layers have no resolution control; a click picks the tile whose centre was hit
+    at.selectbox(key="layer_a").select("gene:CD8A").run()
+    assert_clean(at)
+    assert at.segmented_control(key="resolution").value == "½ tile"

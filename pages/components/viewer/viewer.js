@@ -1,5 +1,5 @@
 // Tessera's deep-zoom viewer: OpenSeadragon panels (1-4) with the H&E from the tile endpoint and a
-// heatmap (or domain) overlay image aligned on the slide's tile grid. Speaks Streamlit's component
+// heatmap (domain, high-resolution or cell) overlay image aligned on the slide's tile grid. Speaks Streamlit's component
 // protocol by postMessage (no build step). Re-rendering with the same slides only swaps overlays
 // and opacity: the viewers, their zoom and their loaded tiles are kept.
 (function () {
@@ -120,7 +120,10 @@
         panel.overlayUrl = url;
         viewer.addTiledImage({
           tileSource: { type: "image", url: url, buildPyramid: false },
-          x: 0, y: 0, width: width, opacity: args.opacity,
+          // viewport units are fractions of the slide's width, on both axes; a high-resolution
+          // layer's grid starts half a tile minus half a step in
+          x: (Number(p.overlay.x_px) || 0) / p.width, y: (Number(p.overlay.y_px) || 0) / p.width,
+          width: width, opacity: args.opacity,
           success: function (ev) {
             if (panel.overlayUrl !== url) { viewer.world.removeItem(ev.item); return; }   // superseded meanwhile
             // keep the slide (item 0) and this overlay only
