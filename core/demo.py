@@ -75,9 +75,51 @@ def demo_bulk(demo_dir: Path) -> Path:
     return path
 
 
+DEMO_CELL_SLIDES = 12      # the first usable slides also get a cells run (``predict --cells``)
+DEMO_HIRES_SLIDES = 2      # … and the first of those a high-resolution run at stride ½
+
+
+def ensure_typer(model, demo_dir: Path, *, seed: int) -> Path:
+    """The learned per-nucleus typer beside the demo model (``cell_typer.json``), fitted once on
+    the world's ST sections (:func:`core.training.cell_eval.train_typer`); the demo slides, on
+    which ``cells evaluate-demo`` scores it, are not used."""
+    from core.training.cell_eval import train_typer
+
+    path = Path(model.directory) / "cell_typer.json"
+    if path.is_file():
+        log.info("demo cell typer: present (%s), skipped", path)
+        return path
+    typer, n = train_typer(model, demo_dir, seed=seed)
+    tmp = path.with_suffix(".tmp.json")
+    typer.save(tmp)
+    tmp.replace(path)
+    log.info("demo cell typer: trained on %d cells of the ST sections", n)
+    return path
+
+
+def predict_demo_cells(settings: Settings, model, *, n_cells: int, n_hires: int, progress=None) -> list:
+    """Cells runs for the first ``n_cells`` usable slides and stride-½ runs for the first
+    ``n_hires``, through the same engine path as ``predict --cells`` / ``--stride 0.5``."""
+    from core.engine.access import StoreAccess
+    from core.engine.plan import usable_slides
+    from core.engine.predict import predict_slides
+
+    with StoreAccess(settings.store_path).open(wait_s=5.0, or_read_only=True) as st:
+        pairs = usable_slides(st, DEMO_COHORT)
+    common = dict(device=settings.device, batch_size=settings.batch_size, workers=settings.workers, progress=progress)
+    results = []
+    if n_cells:
+        results += predict_slides(settings.store_path, pairs[:n_cells], model, tiling=model.tiling(), cells=True, **common)
+    if n_hires:
+        results += predict_slides(settings.store_path, pairs[:n_hires], model, tiling=model.tiling(stride=0.5), **common)
+    return results
+
+
 def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: int = 40,
-               progress=None) -> dict:
-    """Run every step; returns counts of computed vs cached slides and the timings."""
+               progress=None, cell_slides: int = DEMO_CELL_SLIDES, hires_slides: int = DEMO_HIRES_SLIDES) -> dict:
+    """Run every step; returns counts of computed vs cached slides and the timings. With
+    ``cell_slides`` > 0 the demo model also ships its learned cell typer and that many slides get
+    cells runs; ``hires_slides`` of them get a stride-½ run."""
     from core.cohort.importer import import_cohort, import_measured
     from core.engine.modelhub import load_model
     from core.engine.predict import predict_cohort
@@ -91,6 +133,10 @@ def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: 
     ensure_model(settings.demo_dir, manifest, seed=settings.seed, epochs=epochs)
     timings["model_s"] = time.perf_counter() - t
     model = load_model(DEMO_MODEL, settings.model_dirs)
+    if cell_slides:
+        t = time.perf_counter()
+        ensure_typer(model, settings.demo_dir, seed=settings.seed)
+        timings["typer_s"] = time.perf_counter() - t
     t = time.perf_counter()
     demo = settings.demo_dir
     with Store(settings.store_path) as store:
@@ -104,6 +150,11 @@ def build_demo(settings: Settings, *, world_kwargs: dict | None = None, epochs: 
     results = predict_cohort(settings.store_path, DEMO_COHORT, model, device=settings.device,
                              batch_size=settings.batch_size, workers=settings.workers, progress=progress)
     timings["predict_s"] = time.perf_counter() - t
-    computed = [r for r in results if r.status == "computed"]
-    return {"slides": len(results), "computed": len(computed), "cached": len(results) - len(computed),
-            "tiles": sum(r.n_tiles for r in results), **{k: round(v, 1) for k, v in timings.items()}}
+    t = time.perf_counter()
+    extra = predict_demo_cells(settings, model, n_cells=cell_slides, n_hires=min(hires_slides, cell_slides),
+                               progress=progress) if cell_slides else []
+    timings["cells_s"] = time.perf_counter() - t
+    computed = [r for r in results + extra if r.status == "computed"]
+    return {"slides": len(results), "computed": len(computed), "cached": len(results) + len(extra) - len(computed),
+            "tiles": sum(r.n_tiles for r in results), "cell_runs": min(cell_slides, len(results)),
+            "hires_runs": min(hires_slides, cell_slides, len(results)), **{k: round(v, 1) for k, v in timings.items()}}

@@ -63,5 +63,5 @@ def demo_env(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo")
     settings = load_settings(demo_dir=root, seed=7, batch_size=64, workers=0, device="cpu")
-    summary = build_demo(settings, world_kwargs=TINY_WORLD, epochs=30)
+    summary = build_demo(settings, world_kwargs=TINY_WORLD, epochs=30, cell_slides=0)   # cells: tests/cells_world.py
     return settings, summary

@@ -9,6 +9,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from tests.app.test_pages import app_env, assert_clean, monkeypatch_module, run_page  # noqa: F401  (fixtures)
+from tests.cells_world import cells_store  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -211,3 +212,67 @@ def test_real_tcga_cdr_with_real_bulk_as_measured(empty_app, shared_data):
     at.selectbox(key="as_with_clin").select("histological_type").run()
     assert_clean(at)
     assert any("Kruskal" in m.label for m in at.metric)
+
+
+@pytest.fixture
+def cells_app(demo_env, cells_store, tmp_path, monkeypatch):  # noqa: F811
+    """The app on a copy of the tiny demo store whose first slides have cells runs."""
+    import shutil
+
+    settings, _ = demo_env
+    path = tmp_path / "store.duckdb"
+    shutil.copy(cells_store, path)
+    monkeypatch.setenv("TESSERA_DEMO_DIR", str(settings.demo_dir))
+    monkeypatch.setenv("TESSERA_STORE", str(path))
+    monkeypatch.chdir(ROOT)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield path
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def test_cell_biomarkers_in_survival_and_associations(cells_app):
+    """A cell biomarker picked on the Survival page splits exactly the patients that have cells,
+    at the median of the values :func:`core.analysis.variables.variable_values` gives (the same
+    function as ``cells biomarkers``); on Associations its Spearman ρ with age is scipy's on
+    those values (an independent computation)."""
+    from scipy.stats import spearmanr
+
+    from core.analysis.variables import parse_variable, variable_values
+    from core.store.db import Store
+
+    at = run_page("pages/survival.py")
+    assert_clean(at)
+    assert "Cell biomarker" in at.selectbox(key="sv_km_kind").options
+    at.selectbox(key="sv_km_kind").select("Cell biomarker").run()
+    assert_clean(at)
+    at.selectbox(key="sv_km_cellkind").select("Cell-type fraction").run()
+    at.selectbox(key="sv_km_celltype").select("t_cell").run()
+    assert_clean(at)
+    with Store(cells_app, read_only=True) as store:
+        key = store.model_coverage("demo")["model_key"].iloc[-1]
+        values = variable_values(store, "demo", parse_variable("cellfrac:t_cell"), model_key=key)
+    groups = frame_with(at, "HR vs reference")
+    assert len(groups) == 2
+    n_total = int(metric(at, "Patients (events)").split()[0])
+    assert groups["n"].sum() == n_total and 2 <= n_total <= len(values.dropna())
+    # density near another type, by distance
+    at.selectbox(key="sv_km_cellkind").select("Density of a type near another").run()
+    at.selectbox(key="sv_km_cellnear").select("malignant_epithelial").run()
+    at.number_input(key="sv_km_celld").set_value(30.0).run()
+    assert_clean(at)
+    assert len(frame_with(at, "HR vs reference")) == 2
+
+    at = run_page("pages/associations.py")
+    at.selectbox(key="as_by_kind").select("Cell biomarker").run()
+    at.selectbox(key="as_by_cellkind").select("Cell-type fraction").run()
+    at.selectbox(key="as_by_celltype").select("t_cell").run()
+    at.selectbox(key="as_with_clin").select("age_at_initial_pathologic_diagnosis").run()
+    assert_clean(at)
+    rho = next(float(m.value) for m in at.metric if "Spearman" in m.label)
+    with Store(cells_app, read_only=True) as store:
+        age = variable_values(store, "demo", parse_variable("clinical:age_at_initial_pathologic_diagnosis"),
+                              model_key=key)
+    both = pd.concat([values.rename("v"), age.rename("age")], axis=1).dropna()
+    assert rho == pytest.approx(spearmanr(both["v"], both["age"]).statistic, abs=5e-3)

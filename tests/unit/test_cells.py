@@ -119,3 +119,41 @@ def test_cells_on_the_real_svs(tmp_path, model_dir):  # noqa: F811
         assert got.frame["x"].between(0, run["width"]).all() and got.frame["y"].between(0, run["height"]).all()
         assert np.isfinite(got.frame[["gene:ERBB2", "gene:CD8A"]].to_numpy()).all()
         assert got.frame["confidence"].between(0, 1).all() and got.frame["major_um"].between(2, 100).all()
+
+
+def test_demo_ships_a_typer_and_cells_runs(demo_env, tmp_path):
+    """The demo build's cells step (core.demo.ensure_typer + predict_demo_cells) on a copy of the
+    tiny world: the learned typer is fitted once beside the model and used by the cells runs
+    (their key names it); a stride-½ run is made and kept out of the cohort's runs."""
+    import shutil
+
+    from core.config import load_settings
+    from core.demo import DEMO_COHORT, DEMO_MODEL, ensure_typer, predict_demo_cells
+    from core.engine.plan import run_key_for
+
+    settings, _ = demo_env
+    models = tmp_path / "models"
+    shutil.copytree(Path(settings.demo_dir) / "models" / DEMO_MODEL, models / DEMO_MODEL)
+    store_path = tmp_path / "store.duckdb"
+    shutil.copy2(settings.store_path, store_path)
+    s = load_settings(demo_dir=settings.demo_dir, store_path=store_path, device="cpu", workers=0, batch_size=64)
+    model = load_model(DEMO_MODEL, [models])
+    assert model.cells_variant == "posterior"
+    path = ensure_typer(model, Path(settings.demo_dir), seed=0)
+    assert path.parent == models / DEMO_MODEL and model.cells_variant.startswith("typer-")
+    mtime = path.stat().st_mtime_ns
+    assert ensure_typer(model, Path(settings.demo_dir), seed=0) == path and path.stat().st_mtime_ns == mtime
+    results = predict_demo_cells(s, model, n_cells=2, n_hires=1)
+    assert [r.status for r in results] == ["computed"] * 3
+    with Store(store_path, read_only=True) as store:
+        runs = store.cohort_runs(DEMO_COHORT, model.key)
+        with_cells = [k for k in runs["run_key"].dropna() if store.has_cells(k)]
+        assert len(with_cells) == 2
+        row = runs[runs["run_key"] == with_cells[0]].iloc[0]
+        typed = run_key_for(row["fingerprint"], model.key, model.tiling(), float(row["mpp"]), nuclei=True,
+                            cells=model.cells_variant)
+        assert typed == row["run_key"]            # made with the typer: its digest is in the key
+        hr = store.high_res_runs(model.key, row["fingerprint"], float(row["mpp"]))
+        assert list(hr["stride"].astype(float)) == [0.5] and not set(hr["run_key"]) & set(runs["run_key"].dropna())
+    again = predict_demo_cells(s, model, n_cells=2, n_hires=1)
+    assert [r.status for r in again] == ["cached"] * 3
