@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cells_world import cells_store  # noqa: F401  (fixture)
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -27,11 +29,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(demo_env):
+    settings, _ = demo_env
+    yield from serve({"TESSERA_DEMO_DIR": str(settings.demo_dir)})
+
+
+def serve(extra_env: dict):
+    """``streamlit run app.py`` with ``extra_env``; yields its URL, stops it afterwards."""
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium not installed (apt-get install chromium chromium-driver)")
-    settings, _ = demo_env
     port = free_port()
-    env = {**os.environ, "TESSERA_DEMO_DIR": str(settings.demo_dir)}
+    env = {**os.environ, **extra_env}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
                              "--server.port", str(port), "--server.headless", "true",
                              "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"], cwd=ROOT, env=env,
@@ -220,3 +227,41 @@ def test_viewer_zoom_click_export_and_a_copied_link(server, page, tmp_path):
     other.screenshot(path=str(ARTIFACTS / "viewer_link.png"), full_page=True)
     assert_clean(other, "copied link")
     other.close()
+
+
+@pytest.fixture(scope="module")
+def cells_server(demo_env, cells_store, tmp_path_factory):  # noqa: F811
+    """A second server on a copy of the tiny demo store whose first slides have cells runs."""
+    settings, _ = demo_env
+    path = tmp_path_factory.mktemp("cells_app") / "store.duckdb"
+    shutil.copy(cells_store, path)
+    for url in serve({"TESSERA_DEMO_DIR": str(settings.demo_dir), "TESSERA_STORE": str(path)}):
+        yield url, path
+
+
+def test_cell_layer_in_a_real_browser(cells_server, page):
+    """The cell layer in a real browser: every nucleus of a cells run drawn over the H&E by type,
+    readable at full zoom, and a click gives the tile's cell-type composition beside the slide's."""
+    import urllib.parse
+
+    from core.store.db import Store
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with Store(cells_server[1], read_only=True) as store:
+        key = store.model_coverage("demo")["model_key"].iloc[-1]
+        runs = store.cohort_runs("demo", key)
+        slide = next(n for n, k in zip(runs["slide_name"], runs["run_key"]) if isinstance(k, str) and store.has_cells(k))
+    query = urllib.parse.urlencode({"slide": slide, "layer": "cells:type"})
+    page.goto(f"{cells_server[0]}/slide?{query}")
+    frame = viewer_frame(page)
+    assert frame.evaluate("window.tessera.args.panels[0].title").endswith("Cells · by type")
+    page.screenshot(path=str(ARTIFACTS / "cells_home.png"), full_page=True)
+    frame.evaluate("window.tessera.move(8, 0, 0)")
+    page.locator("iframe[src*='tessera_viewer']").first.screenshot(path=str(ARTIFACTS / "cells_zoomed.png"))
+    frame.evaluate("window.tessera.panels[0].viewer.viewport.goHome(true)")
+    frame.evaluate("window.tessera.whenLoaded()")
+    box = frame.locator(".osd").first.bounding_box()
+    frame.locator(".osd").first.click(position={"x": box["width"] / 2, "y": box["height"] / 2})
+    page.get_by_text("Cell-type composition · slide and tile").first.wait_for(timeout=60_000)
+    assert_clean(page, "cell layer click")
+    page.screenshot(path=str(ARTIFACTS / "cells_tile.png"), full_page=True)
