@@ -36,6 +36,15 @@ def slide_token(slide_path: str) -> str:
     return tile_server().source.register(slide_path)
 
 
+def overlay_token(key: str, width: int, height: int, make_renderer) -> dict:
+    """A tiled overlay layer on the endpoint (:mod:`core.viewer.overlays`), built by
+    ``make_renderer()`` unless the endpoint still holds ``key``: the panel's ``overlay.tiled``."""
+    from core.viewer.overlays import FORMAT as OVERLAY_FORMAT, TILE_SIZE as OVERLAY_TILE, OverlayLayer
+
+    token = tile_server().overlays.ensure(key, lambda: OverlayLayer(int(width), int(height), make_renderer().render))
+    return {"token": token, "format": OVERLAY_FORMAT, "tile_size": OVERLAY_TILE}
+
+
 def available() -> bool:
     if vendor.present():
         return True
@@ -50,7 +59,8 @@ def viewer(panels: list[dict], *, opacity: float, height: int = 560, columns: in
 
     A panel: ``token``, ``width``, ``height`` (level-0 px), ``title``, ``caption``, ``legend``,
     ``overlay`` ({url, width_px, x_px, y_px}: the image covers
-    level-0 ``[x_px, x_px + width_px]`` horizontally, its aspect kept) and ``marker`` ({x, y, size}) for the selected tile."""
+    level-0 ``[x_px, x_px + width_px]`` horizontally, its aspect kept; or {tiled: {token, format,
+    tile_size}}: a slide-sized tiled layer of the endpoint, :func:`overlay_token`) and ``marker`` ({x, y, size}) for the selected tile."""
     return _component(panels=panels, opacity=float(opacity), height=int(height), columns=columns or len(panels),
                       sync=bool(sync), tile_port=tile_server().port, tile_url=os.environ.get("TESSERA_TILE_URL", ""),
                       key=key, default=None)

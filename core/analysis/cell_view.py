@@ -93,12 +93,14 @@ def cell_palette(cells: pd.DataFrame, n_types: int, *, by: str = "type", vmin: f
     return index, palette
 
 
-def rasterize(cells: pd.DataFrame, index: np.ndarray, width: int, height: int, mpp: float, *,
-              scale: float | None = None, outline: bool = False, vertices: int = 16):
+def rasterize(cells: pd.DataFrame, index: np.ndarray, width: float, height: float, mpp: float, *,
+              scale: float | None = None, outline: bool = False, vertices: int = 16,
+              origin: tuple[float, float] = (0.0, 0.0)):
     """(PIL palette image, scale): every cell's nucleus ellipse (axes ``major_um``/``minor_um``
     at ``angle``, at least :data:`MIN_RADIUS_PX` image px) drawn at its centroid in its palette
     ``index``, filled or (``outline``) as its outline only. Later cells draw over earlier ones;
-    index 0 (transparent) where there is no cell."""
+    index 0 (transparent) where there is no cell. The image covers the level-0 region of
+    ``width`` × ``height`` px from ``origin`` (one tile of :class:`CellPyramid`, or the slide)."""
     from PIL import Image, ImageDraw
 
     from core.wsi.cells import ellipse_polygon
@@ -113,7 +115,8 @@ def rasterize(cells: pd.DataFrame, index: np.ndarray, width: int, height: int, m
     to_px = 1.0 / (float(mpp) * scale)                 # image px per µm
     major = np.maximum(np.nan_to_num(sub["major_um"].to_numpy(np.float64)) * to_px, 2 * MIN_RADIUS_PX)
     minor = np.clip(np.nan_to_num(sub["minor_um"].to_numpy(np.float64)) * to_px, 2 * MIN_RADIUS_PX, major)
-    rings = ellipse_polygon(sub["x"].to_numpy(np.float64) / scale, sub["y"].to_numpy(np.float64) / scale,
+    rings = ellipse_polygon((sub["x"].to_numpy(np.float64) - origin[0]) / scale,
+                            (sub["y"].to_numpy(np.float64) - origin[1]) / scale,
                             major, minor, np.nan_to_num(sub["angle"].to_numpy(np.float64)), vertices=vertices)
     draw = ImageDraw.Draw(img)
     shape = draw.polygon
@@ -151,6 +154,35 @@ def cell_view(cells: pd.DataFrame, n_types: int, width: int, height: int, mpp: f
                            outline=outline)
     url = "data:image/png;base64," + base64.b64encode(png_bytes(img, palette)).decode()
     return CellView(url, int(round(img.width * scale)), int(round(img.height * scale)), scale, int(len(cells)))
+
+
+class CellPyramid:
+    """The cell layer drawn tile by tile at any zoom (the renderer of a
+    :class:`core.viewer.overlays.OverlayLayer`), for slides whose whole-slide image would be
+    coarser than their own resolution (:func:`image_scale` > 1): at full zoom every nucleus is
+    drawn at the slide's resolution, as on small slides. A tile draws the cells whose ellipse can
+    reach it (centroid within the largest half-axis, or the minimum radius, of its region)."""
+
+    def __init__(self, cells: pd.DataFrame, n_types: int, mpp: float, *, by: str = "type", vmin: float = 0.0,
+                 vmax: float = 1.0, cmap: str = "viridis", outline: bool = False):
+        order = np.argsort(cells["x"].to_numpy(np.float64), kind="stable")
+        self.cells = cells.iloc[order].reset_index(drop=True)
+        self.index, self.palette = cell_palette(self.cells, n_types, by=by, vmin=vmin, vmax=vmax, cmap=cmap)
+        self.x = self.cells["x"].to_numpy(np.float64)
+        self.y = self.cells["y"].to_numpy(np.float64)
+        self.mpp, self.outline = float(mpp), bool(outline)
+        major = np.nan_to_num(self.cells["major_um"].to_numpy(np.float64))
+        self.reach_um = float(major.max() / 2) if len(major) else 0.0
+
+    def render(self, x0: float, y0: float, w0: float, h0: float, scale: float) -> bytes:
+        """PNG of the level-0 region ``[x0, x0 + w0) × [y0, y0 + h0)`` at ``scale`` level-0 px per px."""
+        margin = max(self.reach_um / self.mpp, 2 * MIN_RADIUS_PX * scale) + scale
+        lo, hi = np.searchsorted(self.x, [x0 - margin, x0 + w0 + margin])
+        rows = np.arange(lo, hi)
+        rows = rows[(self.y[rows] >= y0 - margin) & (self.y[rows] <= y0 + h0 + margin)]
+        img, _ = rasterize(self.cells.iloc[rows], self.index[rows], w0, h0, self.mpp, scale=scale,
+                           outline=self.outline, origin=(x0, y0))
+        return png_bytes(img, self.palette)
 
 
 def type_legend(types: list[str]) -> dict:
@@ -192,5 +224,7 @@ def summary_caption(cells: pd.DataFrame, types: list[str], mpp: float, width: in
         return "no cells"
     comp = composition(cells, types)
     top = comp.sort_values("slide", ascending=False).iloc[0]
-    return (f"{len(cells):,} cells · most common {top['cell type']} ({top['slide']:.0%}) · "
-            f"drawn at {image_scale(width, height) * mpp:.2g} µm/px")
+    scale = image_scale(width, height, MAX_PX)
+    drawn = (f"drawn at {scale * mpp:.2g} µm/px" if scale <= 1 else
+             f"drawn tile by tile, at {mpp:.2g} µm/px at full zoom")
+    return f"{len(cells):,} cells · most common {top['cell type']} ({top['slide']:.0%}) · {drawn}"

@@ -4,6 +4,8 @@ Routes (any leading path prefix is accepted, so a reverse proxy may mount it und
 
 - ``GET …/dzi/<token>.dzi``: the slide's Deep Zoom descriptor (XML);
 - ``GET …/dzi/<token>_files/<level>/<col>_<row>.jpeg``: one tile;
+- ``GET …/overlay/<token>_files/<level>/<col>_<row>.png``: one tile of a tiled overlay layer
+  (:mod:`core.viewer.overlays`, e.g. the cell layer of a large slide);
 - ``GET …/health``: ``ok``.
 
 Everything else is 404; so is an unknown token. Only GET/HEAD. The browser never sends a path:
@@ -21,13 +23,15 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from core.viewer.overlays import OverlaySource
 from core.viewer.tiles import TileSource
 
 log = logging.getLogger(__name__)
 _ROUTE = re.compile(r"^(?:/[A-Za-z0-9._-]+)*/dzi/([0-9a-f]{32})(?:\.dzi|_files/(\d{1,2})/(\d{1,6})_(\d{1,6})\.jpeg)$")
+_OVERLAY = re.compile(r"^(?:/[A-Za-z0-9._-]+)*/overlay/([0-9a-f]{32})_files/(\d{1,2})/(\d{1,6})_(\d{1,6})\.png$")
 
 
-def _handler(source: TileSource):
+def _handler(source: TileSource, overlays: OverlaySource):
     class Handler(BaseHTTPRequestHandler):
         server_version = "tessera-tiles"
         sys_version = ""
@@ -52,6 +56,9 @@ def _handler(source: TileSource):
             path = self.path.split("?", 1)[0]
             if path.endswith("/health"):
                 return self._send(200, b"ok", "text/plain")
+            o = _OVERLAY.match(path)
+            if o:
+                return self._overlay(*o.groups())
             m = _ROUTE.match(path)
             if not m:
                 return self._send(404, b"not found", "text/plain")
@@ -67,23 +74,34 @@ def _handler(source: TileSource):
                 log.exception("tile %s failed", path)
                 return self._send(500, b"tile error", "text/plain")
 
+        def _overlay(self, token, level, col, row):
+            try:
+                return self._send(200, overlays.tile(token, int(level), int(col), int(row)), "image/png", cache=True)
+            except (KeyError, ValueError):
+                return self._send(404, b"not found", "text/plain")
+            except Exception:
+                log.exception("overlay tile %s failed", self.path)
+                return self._send(500, b"tile error", "text/plain")
+
         do_HEAD = do_GET
 
     return Handler
 
 
 class TileServer:
-    """A running endpoint: ``.source`` (register slides there), ``.port``, ``.stop()``."""
+    """A running endpoint: ``.source`` (register slides there), ``.overlays`` (tiled overlay
+    layers), ``.port``, ``.stop()``."""
 
     def __init__(self, host: str, port: int, source: TileSource | None = None):
         self.source = source or TileSource()
+        self.overlays = OverlaySource()
         try:
-            self.httpd = ThreadingHTTPServer((host, port), _handler(self.source))
+            self.httpd = ThreadingHTTPServer((host, port), _handler(self.source, self.overlays))
         except OSError:
             if port == 0:
                 raise
             log.warning("tile port %s is taken; using a free port", port)
-            self.httpd = ThreadingHTTPServer((host, 0), _handler(self.source))
+            self.httpd = ThreadingHTTPServer((host, 0), _handler(self.source, self.overlays))
         self.httpd.daemon_threads = True
         self.host = host
         self.port = int(self.httpd.server_address[1])

@@ -300,3 +300,30 @@ def test_resolution_control_draws_the_high_res_run(cells_hires_env):
     at.selectbox(key="layer_a").select("gene:CD8A").run()
     assert_clean(at)
     assert at.segmented_control(key="resolution").value == "½ tile"
+
+
+def test_a_large_slide_draws_its_cells_tile_by_tile(cells_hires_env, monkeypatch):
+    """Beyond cell_view.MAX_PX (lowered here so the tiny slide counts as large) the cell layer is a
+    tiled overlay of the endpoint: the panel carries a token, and the endpoint's full-zoom tiles
+    draw the cells at the slide's resolution."""
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    from core.analysis import cell_view
+
+    monkeypatch.setattr(cell_view, "MAX_PX", 256)
+    at = open_slide({"slide": cells_hires_env, "layer": "cells:type"})
+    p = viewer_args(at)["panels"][0]
+    tiled = p["overlay"]["tiled"]
+    assert "url" not in p["overlay"] and tiled["format"] == "png" and "tile by tile" in p["caption"]
+    port = viewer_args(at)["tile_port"]
+    level = int(np.ceil(np.log2(max(p["width"], p["height"]))))
+    drawn = 0
+    for col in range(int(np.ceil(p["width"] / tiled["tile_size"]))):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/overlay/{tiled['token']}_files/{level}/{col}_0.png") as r:
+            drawn += int((np.asarray(Image.open(io.BytesIO(r.read())).convert("RGBA"))[..., 3] > 0).sum())
+    assert drawn > 1000
+    at.toggle(key="cell_outline").set_value(True).run()          # another drawing: another layer token
+    assert viewer_args(at)["panels"][0]["overlay"]["tiled"]["token"] != tiled["token"]

@@ -115,3 +115,49 @@ def test_high_res_overlay_fills_the_central_cells():
     assert srgba.shape[:2] == (16, 24) and srgba[..., 3].any() and not srgba[8:, :, 3].any()
     on_grid = slideview.default_grid_tiles(tiles, size)
     assert list(on_grid["tile_idx"]) == [0, 2]
+
+
+def test_pyramid_tiles_match_the_whole_slide_image():
+    """A tile of the tiled cell layer is the same pixels as that region of the whole-slide image
+    drawn at the same scale (hand check: full zoom, tile (1, 0); and an overview level), and the
+    endpoint serves it by token only."""
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    from core.viewer.overlays import OverlayLayer
+    from core.viewer.server import TileServer
+
+    rng = np.random.default_rng(3)
+    n = 400
+    cells = pd.DataFrame({"tile_idx": 0, "x": rng.uniform(0, 600, n), "y": rng.uniform(0, 300, n),
+                          "major_um": rng.uniform(4, 9, n), "minor_um": rng.uniform(2, 4, n),
+                          "angle": rng.uniform(0, 3, n), "type": rng.integers(0, 3, n).astype(np.int16),
+                          "value": np.nan})
+    pyr = cv.CellPyramid(cells, 3, 0.5)
+    layer = OverlayLayer(600, 300, pyr.render)
+    assert layer.max_level == 10 and layer.level_size(10) == (600, 300) and layer.level_size(9) == (300, 150)
+    index, palette = cv.cell_palette(pyr.cells, 3)
+    whole = cv.to_rgba(cv.rasterize(pyr.cells, index, 600, 300, mpp=0.5, scale=1.0)[0], palette)
+    tile = np.asarray(Image.open(io.BytesIO(pyr.render(*layer.region(10, 1, 0)))).convert("RGBA"))
+    assert tile.shape == (256, 256, 4)
+    assert (tile == whole[:256, 256:512]).mean() > 0.995        # polygon edges may differ by a pixel
+    half = cv.to_rgba(cv.rasterize(pyr.cells, index, 600, 300, mpp=0.5, scale=2.0)[0], palette)
+    top = np.asarray(Image.open(io.BytesIO(pyr.render(*layer.region(9, 0, 0)))).convert("RGBA"))
+    assert top.shape == (150, 256, 4) and (top == half[:, :256]).mean() > 0.995
+    with pytest.raises(ValueError):
+        layer.region(10, 3, 0)                                   # off the pyramid
+    server = TileServer("127.0.0.1", 0)
+    try:
+        token = server.overlays.register("test-layer", layer)
+        base = f"http://127.0.0.1:{server.port}/overlay/{token}_files"
+        with urllib.request.urlopen(f"{base}/10/1_0.png") as r:
+            assert r.headers["Content-Type"] == "image/png" and r.read()[:4] == b"\x89PNG"
+        for bad in (f"{base}/10/9_9.png", f"http://127.0.0.1:{server.port}/overlay/{'0' * 32}_files/10/0_0.png",
+                    f"http://127.0.0.1:{server.port}/overlay/../etc/passwd"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(bad)
+            assert err.value.code == 404
+    finally:
+        server.stop()

@@ -115,11 +115,20 @@
       const slide = viewer.world.getItemAt(0);
       if (!slide) return;    // not open yet: the "open" handler calls update again
       const width = (p.overlay && p.overlay.width_px) ? p.overlay.width_px / p.width : 1;
-      if (p.overlay && p.overlay.url !== panel.overlayUrl) {
-        const url = p.overlay.url;
+      const tiled = p.overlay && p.overlay.tiled;
+      const overlayKey = tiled ? "tiled:" + tiled.token : (p.overlay && p.overlay.url);
+      if (p.overlay && overlayKey !== panel.overlayUrl) {
+        const url = overlayKey;
         panel.overlayUrl = url;
+        // a slide-sized layer drawn tile by tile by the endpoint (Deep Zoom geometry, no overlap),
+        // or one image placed over the slide
+        const source = tiled ? { Image: { xmlns: "http://schemas.microsoft.com/deepzoom/2008",
+            Url: tileBase(args) + "/overlay/" + tiled.token + "_files/", Format: "png",
+            Overlap: "0", TileSize: String(Number(tiled.tile_size) || 256),
+            Size: { Width: String(p.width), Height: String(p.height) } } }
+          : { type: "image", url: url, buildPyramid: false };
         viewer.addTiledImage({
-          tileSource: { type: "image", url: url, buildPyramid: false },
+          tileSource: source,
           // viewport units are fractions of the slide's width, on both axes; a high-resolution
           // layer's grid starts half a tile minus half a step in
           x: (Number(p.overlay.x_px) || 0) / p.width, y: (Number(p.overlay.y_px) || 0) / p.width,
