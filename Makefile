@@ -50,6 +50,7 @@ bench: setup
 	$(PY) -m benchmarks.load_bench
 	$(PY) -m benchmarks.viewer_bench
 	$(PY) -m benchmarks.foundation_bench
+	$(PY) -m benchmarks.cells_bench
 
 clean-demo:
 	rm -rf data/demo
