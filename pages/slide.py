@@ -277,12 +277,12 @@ def cells_single(cohort, model, row, layer: str, labels: dict) -> None:
     if cell_view.image_scale(w, h, cell_view.MAX_PX) > 1:
         # too large for one image at the slide's resolution: the endpoint draws it tile by tile
         key = f"cells|{row['run_key']}|{gene}|{by}|{vrange[0]!r}|{vrange[1]!r}|{display['cmap']}|{outline}"
-        layer = {"tiled": _viewer.overlay_token(key, w, h, lambda: cell_view.CellPyramid(
+        overlay = {"tiled": _viewer.overlay_token(key, w, h, lambda: cell_view.CellPyramid(
             cells, len(types), mpp, by=by, vmin=vrange[0], vmax=vrange[1], cmap=display["cmap"], outline=outline)),
             "x_px": 0, "y_px": 0}
     else:
         view = cell_overlay(cells, len(types), w, h, mpp, by, vrange[0], vrange[1], display["cmap"], outline)
-        layer = {"url": view.url, "width_px": view.width_px, "x_px": 0, "y_px": 0}
+        overlay = {"url": view.url, "width_px": view.width_px, "x_px": 0, "y_px": 0}
     legend = slideview.legend(vrange[0], vrange[1], display["cmap"]) if gene else cell_view.type_legend(types)
     name = f"Cells · {gene}" if gene else "Cells · by type"
     ckey = f"click_cells_{row['slide_name']}"
@@ -292,7 +292,7 @@ def cells_single(cohort, model, row, layer: str, labels: dict) -> None:
     panels = [{"token": _viewer.slide_token(row["slide_path"]), "width": w, "height": h, "dzi": _viewer.DZI,
                "title": f"{row['slide_name']} · {name}", "legend": legend,
                "caption": cell_view.summary_caption(cells, types, mpp, w, h),
-               "overlay": layer, "marker": marker_for(click, 0, row)}]
+               "overlay": overlay, "marker": marker_for(click, 0, row)}]
     click = _viewer.viewer(panels, opacity=display["opacity"], key=ckey)
     _ui.url_sync({"slide": row["slide_name"], "layer": layer, "view": None, "slides": None, "layers": None,
                   "cmap": display["cmap"] if gene else None, "scale": None, "method": None})
