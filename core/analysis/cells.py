@@ -84,7 +84,8 @@ def type_posterior(class_probs: np.ndarray, prior: np.ndarray, likelihood: np.nd
     return np.divide(post, total, out=np.full_like(post, 1.0 / post.shape[1]), where=total > 0)
 
 
-def refine_tile(expression: np.ndarray, profiles_lin: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def refine_tile(expression: np.ndarray, profiles_lin: np.ndarray, counts: np.ndarray, *,
+                clip: tuple[float, float] | None = RHO_CLIP) -> tuple[np.ndarray, np.ndarray]:
     """NNLS mixture weights ``w`` ``(T,)`` of the types present (``counts > 0``) and the residual
     ratio ρ ``(G,)`` of one tile; ``expression`` is log1p CP10k, ``profiles_lin`` is expm1(R)."""
     from scipy.optimize import nnls
@@ -95,8 +96,49 @@ def refine_tile(expression: np.ndarray, profiles_lin: np.ndarray, counts: np.nda
     if present.size:
         w[present] = nnls(profiles_lin[present].T, target, maxiter=50 * len(present))[0]
     mix = w @ profiles_lin
-    rho = np.clip((target + _EPS) / (mix + _EPS), *RHO_CLIP) if w.any() else np.ones_like(target)
+    rho = _clipped((target + _EPS) / (mix + _EPS), clip) if w.any() else np.ones_like(target)
     return w, rho
+
+
+def _clipped(rho: np.ndarray, clip: tuple[float, float] | None) -> np.ndarray:
+    return rho if clip is None else np.clip(rho, *clip)
+
+
+def platform_factor(targets_log: np.ndarray, profiles_log: np.ndarray, *, min_mix: float = 1e-2) -> np.ndarray:
+    """Per-gene platform factor f ``(G,)`` between measured tiles/spots and the reference profiles.
+
+    A single-cell reference and a spot platform count genes differently (capture, probe design,
+    normalisation over different panels), so even a perfect mixture of reference profiles misses
+    some genes by a constant factor on every spot: the refinement's residual ρ then sits at its
+    clip and carries no spot-to-spot signal. Per spot, the mixture of all reference types that best
+    explains the spot (NNLS in linear CP10k, as :func:`refine_tile`) gives mix; f_g is the median
+    over spots of expm1(y_g) / mix_g (spots with mix_g < ``min_mix`` CP10k skipped; 1 where no spot
+    qualifies), clipped to [10⁻³, 10³]. Apply it with :func:`scaled_profiles`.
+
+    Computed on training targets (measured spots), never on the spots it is tested on."""
+    from scipy.optimize import nnls
+
+    y = np.maximum(np.expm1(np.asarray(targets_log, np.float64)), 0.0)
+    p_lin = np.expm1(np.asarray(profiles_log, np.float64))
+    mix = np.stack([np.asarray(nnls(p_lin.T, row, maxiter=50 * len(p_lin))[0]) @ p_lin for row in y]) if len(y) else y
+    ratio = np.where(mix >= min_mix, (y + _EPS) / np.maximum(mix, _EPS), np.nan)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            f = np.nanmedian(ratio, axis=0) if len(ratio) else np.ones(p_lin.shape[1])
+    return np.clip(np.where(np.isfinite(f), f, 1.0), 1e-3, 1e3)
+
+
+def scaled_profiles(profiles_log: np.ndarray, factor: np.ndarray | None) -> np.ndarray:
+    """Reference profiles (log1p CP10k) in the platform's units: log1p(expm1(R) ⊙ f), each type
+    renormalised to 10⁴ over the panel, as the targets are."""
+    if factor is None:
+        return np.asarray(profiles_log, np.float64)
+    lin = np.expm1(np.asarray(profiles_log, np.float64)) * np.asarray(factor, np.float64)[None, :]
+    total = lin.sum(axis=1, keepdims=True)
+    return np.log1p(np.divide(lin, total, out=np.zeros_like(lin), where=total > 0) * 1e4)
 
 
 def cell_profiles(types: np.ndarray, profiles_lin: np.ndarray, rho: np.ndarray | None) -> np.ndarray:
@@ -107,7 +149,7 @@ def cell_profiles(types: np.ndarray, profiles_lin: np.ndarray, rho: np.ndarray |
 
 
 def chunk_cells(records: list[np.ndarray], composition: np.ndarray, expression: np.ndarray, profiles_log: np.ndarray,
-                cell_types: list[str], *, typer=None) -> dict[str, np.ndarray]:
+                cell_types: list[str], *, typer=None, clip: tuple[float, float] | None = RHO_CLIP) -> dict[str, np.ndarray]:
     """Type and refine the cells of many tiles (one list entry of records per tile, rows of
     :data:`core.wsi.cells.CELL_FIELDS`). Returns flat per-cell arrays (``tile`` = position in the
     list, ``cell_type``, ``confidence``) and per-tile ``w`` and ``z`` ``(N, T)``.
@@ -129,7 +171,7 @@ def chunk_cells(records: list[np.ndarray], composition: np.ndarray, expression: 
                 else type_posterior(class_probs(rec), composition[i], likelihood))
         t = post.argmax(axis=1)
         counts = np.bincount(t, minlength=n_types)
-        w, rho = refine_tile(expression[i], profiles_lin, counts)
+        w, rho = refine_tile(expression[i], profiles_lin, counts, clip=clip)
         w_all[i], z_all[i] = w, profiles_lin @ rho
         tiles.append(np.full(len(rec), i, np.int32))
         types.append(t.astype(np.int16))
@@ -141,7 +183,7 @@ def chunk_cells(records: list[np.ndarray], composition: np.ndarray, expression: 
 
 def cell_values(gene_index: int | np.ndarray, cell_type: np.ndarray, cell_tile: np.ndarray, w: np.ndarray,
                 z: np.ndarray, tile_expression: np.ndarray, profiles_log: np.ndarray, *,
-                residual: bool = True) -> np.ndarray:
+                residual: bool = True, clip: tuple[float, float] | None = RHO_CLIP) -> np.ndarray:
     """Per-cell values (log1p CP10k) of one gene (``gene_index`` int → ``(n,)``) or several
     (an index array → ``(n, k)``), from the stored factors: the cells' ``cell_type`` and
     ``cell_tile`` (row into ``w``, ``z`` and ``tile_expression``, the tiles' predictions of those
@@ -154,7 +196,7 @@ def cell_values(gene_index: int | np.ndarray, cell_type: np.ndarray, cell_tile: 
         mix = np.asarray(w, np.float64) @ p_lin[:, gi]                       # (N, k)
         target = np.maximum(np.expm1(y), 0.0)
         rho = np.where(np.asarray(w).any(axis=1, keepdims=True),
-                       np.clip((target + _EPS) / (mix + _EPS), *RHO_CLIP), 1.0)
+                       _clipped((target + _EPS) / (mix + _EPS), clip), 1.0)
         lin = p_lin[t][:, gi] * rho[k]
         norm = np.asarray(z, np.float64)[k, t]
     else:

@@ -16,7 +16,9 @@ fitted on the training sections' cached tokens (:func:`core.training.loso.fusion
 
 Rows (mean PCC over genes, per gene over the spots of a section, against the measured spots):
 (a) the tile/spot model ŷ; (b) the cell aggregate with NNLS refinement; (c) the cell aggregate
-without refinement (reference profile of each cell's type: the typed composition × reference).
+without refinement (reference profile of each cell's type: the typed composition × reference);
+(b′) and (c′) the same with the reference first put in the spots' units by the per-gene platform
+factor (:func:`core.analysis.cells.platform_factor`, fitted on the fold's *training* spots only).
 All rows are scored on the same spots: those with at least one nucleus in the disc. A fold's
 figure is the mean over its test sections, a scheme's the mean over its folds (as ``loso``).
 The report also gives the typed cells' type shares over every held-out section against the
@@ -36,7 +38,11 @@ from core.errors import TesseraError
 log = logging.getLogger(__name__)
 REPORT_FORMAT = "tessera-cell-spots/1"
 ROWS = {"tile": "(a) tile/spot model", "refined": "(b) cells aggregate + NNLS refinement",
-        "plain": "(c) cells aggregate, no refinement"}
+        "plain": "(c) cells aggregate, no refinement",
+        "refined_pf": "(b′) cells aggregate + platform factor + NNLS refinement (ρ in [¼, 4])",
+        "refined_pf16": "(b″) cells aggregate + platform factor + NNLS refinement (ρ in [1/16, 16])",
+        "refined_free": "(b‴) cells aggregate + platform factor + NNLS refinement (ρ unclipped)",
+        "plain_pf": "(c′) cells aggregate + platform factor, no refinement"}
 
 
 def _types_beside(reference: Path) -> Path | None:
@@ -74,25 +80,27 @@ def spot_cells(section, keep: np.ndarray, *, tile_um: float, spots: np.ndarray |
 
 
 def spot_aggregates(records: list[np.ndarray], composition: np.ndarray, expression: np.ndarray,
-                    profiles_log: np.ndarray, cell_types: list[str], *, typer=None) -> dict[str, np.ndarray]:
+                    profiles_log: np.ndarray, cell_types: list[str], *, typer=None,
+                    clip: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
     """Per spot (one ``records`` entry each): the mean of its cells' profiles with refinement
     (``refined``) and without (``plain``), ``(N, G)`` log1p CP10k (NaN rows for spots without
     cells), ``n_cells`` ``(N,)``, the cells' ``cell_type`` and ``clipped`` ``(N,)``: the share of
     genes whose residual ratio ρ hit :data:`core.analysis.cells.RHO_CLIP` (the refinement's limit)."""
     from core.analysis.cells import RHO_CLIP, cell_values, chunk_cells, refine_tile
 
-    typed = chunk_cells(records, composition, expression, profiles_log, cell_types, typer=typer)
+    clip = RHO_CLIP if clip is None else (None if clip == "none" else clip)
+    typed = chunk_cells(records, composition, expression, profiles_log, cell_types, typer=typer, clip=clip)
     n_spots, genes = len(records), np.arange(profiles_log.shape[1])
     counts = np.bincount(typed["tile"], minlength=n_spots)
     out = {"n_cells": counts, "cell_type": typed["cell_type"].astype(np.int64), "clipped": np.full(n_spots, np.nan)}
     p_lin = np.expm1(np.asarray(profiles_log, np.float64))
     for i in np.flatnonzero(counts):
         present = np.bincount(out["cell_type"][typed["tile"] == i], minlength=len(cell_types))
-        rho = refine_tile(expression[i], p_lin, present)[1]
-        out["clipped"][i] = float(np.mean((rho <= RHO_CLIP[0]) | (rho >= RHO_CLIP[1])))
+        rho = refine_tile(expression[i], p_lin, present, clip=clip)[1]
+        out["clipped"][i] = 0.0 if clip is None else float(np.mean((rho <= clip[0]) | (rho >= clip[1])))
     for name, residual in (("refined", True), ("plain", False)):
         values = cell_values(genes, typed["cell_type"], typed["tile"], typed["w"], typed["z"], expression,
-                             profiles_log, residual=residual)
+                             profiles_log, residual=residual, clip=clip)
         total = np.zeros((n_spots, len(genes)))
         np.add.at(total, typed["tile"], values)
         out[name] = np.divide(total, counts[:, None], out=np.full_like(total, np.nan), where=counts[:, None] > 0)
@@ -120,6 +128,7 @@ def evaluate_her2st(st, reference_path, types_path=None, *, panel=None, schemes=
                     epochs: int = 30, seed: int = 0, tile_um: float = 112.0,
                     cache_dir: Path = Path("data/cache/features"), encoder: str = "efficientnet_lite0") -> dict:
     """The report of the module docstring (``format`` :data:`REPORT_FORMAT`)."""
+    from core.analysis.cells import platform_factor, scaled_profiles
     from core.training.loso import folds_for, fusion_fit, fusion_predict, prepare
     from core.training.reference import read_reference, reference_profiles
     from core.training.stdata import find_sections, panel_genes
@@ -172,21 +181,30 @@ def evaluate_her2st(st, reference_path, types_path=None, *, panel=None, schemes=
             tested += len(tests)
             t0 = time.perf_counter()
             head = fusion_fit(train, profiles_log.astype(np.float32), epochs=epochs, seed=seed)
+            factor = platform_factor(np.concatenate([p.y for p in train]), profiles_log)
+            scaled = scaled_profiles(profiles_log, factor)
             per_section = {}
             for t in tests:
                 chosen, records = cells_of(t)
                 expr = fusion_predict(head, t)[0][chosen]
                 comp = _composition(head, t.tokens[chosen])
                 agg = spot_aggregates(records, comp, expr, profiles_log, types)
+                agg_pf = spot_aggregates(records, comp, expr, scaled, types)
+                agg_16 = spot_aggregates(records, comp, expr, scaled, types, clip=(1 / 16, 16.0))
+                agg_free = spot_aggregates(records, comp, expr, scaled, types, clip="none")
                 scored = agg["n_cells"] > 0
                 type_counts += np.bincount(agg["cell_type"], minlength=len(types))
                 comp_sum, n_comp = comp_sum + comp[scored].sum(axis=0), n_comp + int(scored.sum())
                 y = t.y[chosen][scored]
-                preds = {"tile": expr[scored], "refined": agg["refined"][scored], "plain": agg["plain"][scored]}
+                preds = {"tile": expr[scored], "refined": agg["refined"][scored], "plain": agg["plain"][scored],
+                         "refined_pf": agg_pf["refined"][scored], "refined_pf16": agg_16["refined"][scored],
+                         "refined_free": agg_free["refined"][scored], "plain_pf": agg_pf["plain"][scored]}
                 r = {k: per_gene_pearson(v, y) for k, v in preds.items()}
                 per_section[t.name] = {"n_spots": int(len(chosen)), "n_scored": int(scored.sum()),
                                        "cells_per_spot": float(agg["n_cells"][scored].mean()) if scored.any() else 0.0,
                                        "rho_clipped": float(np.mean(agg["clipped"][scored])) if scored.any() else None,
+                                       "rho_clipped_pf": (float(np.mean(agg_pf["clipped"][scored]))
+                                                          if scored.any() else None),
                                        "mean_pcc": {k: float(np.nanmean(v)) for k, v in r.items()},
                                        "median_pcc": {k: float(np.nanmedian(v)) for k, v in r.items()},
                                        "per_gene": {k: {g: (None if not np.isfinite(x) else round(float(x), 4))
@@ -238,7 +256,8 @@ def format_report(report: dict) -> str:
                      *[f"{folds[f]['sections'][s]['mean_pcc'][k]:.3f}" for f, s in secs]]
             lines.append("| " + " | ".join(cells) + " |")
         scored = ", ".join(f"{s} {v['n_scored']}/{v['n_spots']} ({v['cells_per_spot']:.1f} cells, ρ clipped "
-                           f"{v['rho_clipped'] or 0:.0%})" for f, s in secs for v in [folds[f]['sections'][s]])
+                           f"{v['rho_clipped'] or 0:.0%}, with the platform factor {v.get('rho_clipped_pf') or 0:.0%})"
+                           for f, s in secs for v in [folds[f]['sections'][s]])
         lines.append("\nspots scored (≥ 1 nucleus in the disc) / spots (mean cells per scored spot, share of genes "
                      f"whose NNLS residual ρ hit its clip): {scored}")
         blocks.append("\n".join(lines))
