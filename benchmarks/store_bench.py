@@ -16,8 +16,15 @@
    (:func:`core.analysis.crossmodal.similar_tiles`, top-24) against exact brute force over every embedding,
    with recall@24.
 
-``--reuse`` keeps an existing store (resuming a partial fill) and index. Peak memory is about
-3 x N x 64 x 4 bytes (embeddings, exact and IVF copies) plus DuckDB's ``--memory-limit``.
+   The build runs in a child process (as ``python -m core.cli index`` would: the store opened by
+   path), so its peak RSS is its own, not this process's; ``--compare-old`` also builds the
+   index the old way (every embedding in memory, then :meth:`VectorIndex.build`) in another
+   child, and reports both builds' peak RSS and raw recall@24 side by side.
+
+``--reuse`` keeps an existing store (resuming a partial fill) and index (``--rebuild``: rebuilds
+it all the same). This process holds every
+embedding for the exact reference (N x 64 x 4 bytes, plus DuckDB's ``--memory-limit``); the
+streamed build holds the index, one batch of ``--batch-vectors`` and the training sample.
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ import hashlib
 import json
 import os
 import resource
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +127,18 @@ def _unit2(rng, n: int) -> np.ndarray:
 # -- measuring -----------------------------------------------------------------------------------
 def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _hwm_gb() -> float:
+    """Peak RSS of this process image (Linux ``VmHWM``): unlike ``ru_maxrss``, which a child
+    started by fork + exec inherits from its parent, it counts only what this process touched."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return _rss_gb()
 
 
 def _dir_bytes(path: Path) -> int:
@@ -223,8 +244,60 @@ def query_bench(store_path: Path, cohort: Cohort, n_slides: int, reps: int, budg
     return res
 
 
+def _child_build(store_path: Path, how: str, *, codec: str, seed: int, exact_max: int, batch_vectors: int,
+                 rebuild: bool) -> dict:
+    """Build the index in a fresh process and return what it printed: result, seconds and its peak
+    RSS (:func:`_hwm_gb` of a process that did nothing else; ``baseline_gb`` is that peak after
+    the imports, before the build)."""
+    cmd = [sys.executable, "-m", "benchmarks.store_bench", "--build-child", how, "--path", str(store_path.parent),
+           "--codec", codec, "--seed", str(seed), "--exact-max", str(exact_max),
+           "--batch-vectors", str(batch_vectors)] + (["--rebuild"] if rebuild else [])
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"index build ({how}) failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def build_child(args) -> None:
+    """``--build-child new|old``: one index build, then a JSON line on stdout. ``new`` is the
+    product's :func:`core.store.tile_index.refresh` (streamed); ``old`` reads every embedding at
+    once and calls :meth:`VectorIndex.build`, as the product did before, saving into ``DIR/old-index``."""
+    from core.store.db import Store
+    from core.store.tile_index import refresh
+    from core.store.vector_index import VectorIndex
+
+    store_path = args.path / "store.duckdb"
+    baseline = _hwm_gb()
+    t = time.perf_counter()
+    kw = dict(codec=args.codec, seed=args.seed, exact_max=args.exact_max)
+    if args.build_child == "new":
+        with Store(store_path, read_only=True) as store:
+            model_key = store.models()["model_key"].iloc[0]
+        result = refresh(store_path, model_key, min_vectors=args.exact_max, rebuild_stale=-1.0 if args.rebuild else 0.25,
+                         batch_vectors=args.batch_vectors, **kw)[model_key]
+    else:
+        with Store(store_path, read_only=True) as store:
+            model_key = store.models()["model_key"].iloc[0]
+            ids, emb = store.embeddings(list(store.model_runs(model_key)["run_id"]))
+        index = VectorIndex.build(emb, ids, **kw)
+        index.save(args.path / "old-index")
+        result = f"built {len(index)} vectors"
+    print(json.dumps({"result": result, "seconds": time.perf_counter() - t, "peak_rss_gb": _hwm_gb(),
+                      "baseline_gb": baseline}), flush=True)
+
+
+def _raw_recall(index, emb: np.ndarray, ids: np.ndarray, rows: np.ndarray, truth: np.ndarray) -> float:
+    """recall@24 of ``index.search`` itself (no cohort filter), the query tile left out."""
+    from core.store.vector_index import recall_at_k
+
+    found = index.search(emb[rows], 25)[1]
+    found = np.stack([f[f != ids[r]][:24] for f, r in zip(found, rows)])
+    return recall_at_k(found, truth)
+
+
 def index_bench(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, reps: int, budget_s: float,
-                seed: int, codec: str, exact_max: int) -> dict:
+                seed: int, codec: str, exact_max: int, batch_vectors: int, compare_old: bool,
+                rebuild: bool = False) -> dict:
     """Build (or bring up to date) the model's similar-tiles index the way the product does
     (:func:`core.store.tile_index.refresh`), time the page's query end to end
     (:func:`core.analysis.crossmodal.similar_tiles`: run ids, query vector, index search, cohort filter,
@@ -234,16 +307,22 @@ def index_bench(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool,
     from core.store.tile_index import index_root, load, refresh
     from core.store.vector_index import VectorIndex, recall_at_k
 
-    out: dict = {}
+    out: dict = {"batch_vectors": batch_vectors}
+    kw = dict(codec=codec, seed=seed, exact_max=exact_max, batch_vectors=batch_vectors)
+    new = _child_build(store_path, "new", rebuild=rebuild or not reuse, **kw)
+    out.update(refresh=new["result"], refresh_s=new["seconds"], build_rss_gb=new["peak_rss_gb"],
+               baseline_rss_gb=new["baseline_gb"])
+    _log(f"index refresh (child process): {out['refresh']} ({out['refresh_s']:.0f} s, peak RSS "
+         f"{new['peak_rss_gb']:.2f} GB, {new['baseline_gb']:.2f} GB of it after the imports)")
+    if compare_old:
+        old = _child_build(store_path, "old", rebuild=True, **kw)
+        out.update(old_s=old["seconds"], old_rss_gb=old["peak_rss_gb"])
+        _log(f"old in-memory build (child process): {old['result']} ({old['seconds']:.0f} s, peak RSS "
+             f"{old['peak_rss_gb']:.2f} GB)")
     with Store(store_path, read_only=True) as store:
         model_key = store.models()["model_key"].iloc[0]
         table = store.model_info(model_key).pred_table
         runs = store.model_runs(model_key)
-        t = time.perf_counter()
-        out["refresh"] = refresh(store, model_key, min_vectors=exact_max, rebuild_stale=0.25 if reuse else -1.0,
-                                 codec=codec, seed=seed, exact_max=exact_max)[model_key]
-        out["refresh_s"] = time.perf_counter() - t
-        _log(f"index refresh: {out['refresh']} ({out['refresh_s']:.0f} s)")
         t = time.perf_counter()
         ids, emb = store.embeddings(list(runs["run_id"]))
         out["export_s"] = time.perf_counter() - t
@@ -278,6 +357,11 @@ def index_bench(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool,
             got = similar_tiles(store, model_key, run_keys, key_of[int(ids[r] >> 32)], int(ids[r] & 0xFFFFFFFF), k=24)
             found.append((got["run_id"].to_numpy(np.int64) << 32) | got["tile_idx"].to_numpy(np.int64))
         out["recall"] = recall_at_k(np.stack(found), truth)
+        if ivf is not None:
+            out["raw_recall"] = _raw_recall(ivf, emb, ids, rows, truth)
+        if compare_old:
+            old_index = VectorIndex.load(store_path.parent / "old-index", mmap=True)
+            out.update(old_raw_recall=_raw_recall(old_index, emb, ids, rows, truth), old_nprobe=old_index.nprobe)
         sims = exact.search(emb[rows[:20]], 25)[0]
         out["sim_top24_mean"] = float(sims[:, 1:].mean())
         out["sim_random_mean"] = float(np.mean(emb[rows[:20]] @ emb[rng.choice(len(emb), 2000)].T))
@@ -312,6 +396,14 @@ def report(args, n_genes: int, fill_res: dict | None, queries: dict, idx: dict |
                      f"size {idx['index_bytes'] / 2**20:.0f} MiB; similar_tiles searched by {idx['method']}; "
                      f"recall@24 vs exact {idx['recall']:.3f} "
                      f"(cos: top-24 {idx['sim_top24_mean']:.2f}, random pair {idx['sim_random_mean']:.2f})")
+        raw = f", raw index recall@24 {idx['raw_recall']:.3f}" if "raw_recall" in idx else ""
+        lines.append(f"index build, streamed in batches of {idx['batch_vectors']:,} vectors: peak RSS "
+                     f"{idx['build_rss_gb']:.2f} GB ({idx['baseline_rss_gb']:.2f} GB after the imports), "
+                     f"{idx['refresh_s']:.0f} s{raw}")
+        if "old_rss_gb" in idx:
+            lines.append(f"index build, old (every embedding in memory): peak RSS {idx['old_rss_gb']:.2f} GB, "
+                         f"{idx['old_s']:.0f} s, nprobe {idx['old_nprobe']}, raw index recall@24 "
+                         f"{idx['old_raw_recall']:.3f}")
     lines.append("")
     lines.append(f"{'query':44s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s} {'target':>8s}")
     rows = list(queries.items())
@@ -342,9 +434,20 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-index", action="store_true", help="measure the store only")
     ap.add_argument("--exact-max", type=int, default=None, help="vectors up to which the index is exact")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-vectors", type=int, default=None, help="vectors read at once by the index build")
+    ap.add_argument("--compare-old", action="store_true", help="also build the old in-memory way (peak RSS ~N x 1.3 kB)")
+    ap.add_argument("--build-child", choices=["new", "old"], help=argparse.SUPPRESS)
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the index even with --reuse")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    from core.store.tile_index import BATCH_VECTORS
     from core.store.vector_index import EXACT_MAX
+
+    args.exact_max = EXACT_MAX if args.exact_max is None else args.exact_max
+    args.batch_vectors = BATCH_VECTORS if args.batch_vectors is None else args.batch_vectors
+    if args.build_child:
+        build_child(args)
+        return
 
     card = json.loads(CARD.read_text())
     cohort = Cohort(list(card["genes"]), list(card["cell_types"]), args.tiles, seed=args.seed)
@@ -360,8 +463,9 @@ def main(argv=None) -> None:
     if not args.skip_index:
         _log("similar-tiles index")
         idx = index_bench(store_path, cohort, args.slides, reuse=args.reuse, reps=args.reps,
-                          budget_s=args.budget, seed=args.seed, codec=args.codec,
-                          exact_max=EXACT_MAX if args.exact_max is None else args.exact_max)
+                          budget_s=args.budget, seed=args.seed, codec=args.codec, exact_max=args.exact_max,
+                          batch_vectors=args.batch_vectors, compare_old=args.compare_old,
+                          rebuild=args.rebuild)
     print()
     print(report(args, len(cohort.genes), fill_res, queries, idx, store_bytes), flush=True)
 

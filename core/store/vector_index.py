@@ -22,6 +22,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -43,6 +44,21 @@ def _faiss():
 def default_nlist(n: int) -> int:
     """IVF cells for ``n`` vectors: ~4 sqrt(n), at least 1, never more than n / 39."""
     return int(max(1, min(round(4 * math.sqrt(max(n, 1))), n // 39 or 1)))
+
+
+def plan(total: int, *, kind: str = "auto", exact_max: int = EXACT_MAX, expected_size: int | None = None,
+         nlist: int | None = None) -> tuple[str, int, int]:
+    """(kind, nlist, training-sample size) of an index for ``total`` vectors: what a caller that
+    streams the vectors needs to know before reading any (0, 0 for the exact kind)."""
+    if kind not in ("auto", "exact", "ivf"):
+        raise ValueError(f"kind must be 'auto', 'exact' or 'ivf', not {kind!r}")
+    size = max(int(total), expected_size or 0)
+    if kind == "auto":
+        kind = "ivf" if size > exact_max else "exact"
+    if kind == "exact":
+        return "exact", 0, 0
+    nlist = int(nlist or default_nlist(size))
+    return "ivf", nlist, min(int(total), TRAIN_PER_CELL * nlist)
 
 
 class VectorIndex:
@@ -81,33 +97,79 @@ class VectorIndex:
 
         ``kind="auto"`` picks exact up to ``exact_max`` vectors (or ``expected_size``, when more
         are to be added later) and IVF above. For IVF the k-means cells are trained on a sample
-        of ``embeddings``, and ``nprobe`` is tuned for ``target_recall`` at ``k``.
+        of ``embeddings``, and ``nprobe`` is tuned for ``target_recall`` at ``k``. Everything is
+        in memory at once; :meth:`build_streamed` builds from batches instead.
         """
         x, ids = _check_vectors(embeddings, ids)
-        total = max(len(x), expected_size or 0)
-        if kind == "auto":
-            kind = "ivf" if total > exact_max else "exact"
+        kind, nlist, n_train = plan(len(x), kind=kind, exact_max=exact_max, expected_size=expected_size,
+                                    nlist=nlist)
+        rng = np.random.default_rng(seed)
+        train = x if n_train >= len(x) else x[np.sort(rng.choice(len(x), size=n_train, replace=False))]
+        rng = np.random.default_rng(seed)
+        queries = x[rng.choice(len(x), size=min(n_tune, len(x)), replace=False)] if kind == "ivf" else None
+        return cls.build_streamed([(x, ids)], train=train, queries=queries, total=len(x), kind=kind,
+                                  exact_max=exact_max, nlist=nlist, codec=codec, quantizer=quantizer,
+                                  target_recall=target_recall, k=k, niter=niter, seed=seed)
+
+    @classmethod
+    def build_streamed(cls, batches: Iterable[tuple[np.ndarray, np.ndarray]], *, train: np.ndarray | None,
+                       total: int, queries: np.ndarray | None = None, kind: str = "auto",
+                       exact_max: int = EXACT_MAX, expected_size: int | None = None, nlist: int | None = None,
+                       codec: str = "flat", quantizer: str = "auto", target_recall: float = 0.95, k: int = 24,
+                       n_tune: int = 200, niter: int = 10, seed: int = 0) -> "VectorIndex":
+        """An index filled from ``batches`` of ``(embeddings, ids)``, consumed once, so that a
+        cohort larger than memory can be indexed: only one batch (plus the index) is held at a time.
+
+        ``total``: how many vectors the batches hold (it picks the kind and ``nlist`` as in
+        :func:`plan`). For IVF, ``train`` is a sample of those vectors spread over the cohort
+        (:func:`plan` says how many; more are subsampled) on which the cells are trained before
+        the first batch is added, and ``queries`` (default: ``n_tune`` rows of ``train``) tune
+        ``nprobe``: their exact top-``k`` is kept up to date batch by batch while adding, so the
+        ground truth costs no second pass. The exact kind ignores ``train`` and ``queries``.
+        """
+        kind, nlist, n_train = plan(total, kind=kind, exact_max=exact_max, expected_size=expected_size,
+                                    nlist=nlist)
         t0 = time.perf_counter()
         if kind == "exact":
-            index = cls(x.shape[1], kind="exact", exact_max=exact_max)
-            index.add(x, ids)
+            index = cls._filled_exact(batches, exact_max=exact_max)
         else:
-            nlist = nlist or default_nlist(total)
-            if len(x) < nlist:
-                raise ValueError(f"an IVF index with {nlist} cells needs at least {nlist} training vectors, "
-                                 f"got {len(x)}")
-            index = cls(x.shape[1], kind="ivf", nlist=nlist, codec=codec, quantizer=quantizer,
+            index = cls(_dim_of(train), kind="ivf", nlist=nlist, codec=codec, quantizer=quantizer,
                         exact_max=exact_max)
-            index._train(x, niter=niter, seed=seed)
-            index.add(x, ids)
-            rng = np.random.default_rng(seed)
-            sample = x[rng.choice(len(x), size=min(n_tune, len(x)), replace=False)]
-            truth = _exact_search(x, ids, sample, k)[1]
-            index.tune(sample, k=k, target=target_recall, truth=truth)
+            index._train(_training_set(train, nlist, n_train, seed), niter=niter, seed=seed)
+            if queries is None:
+                rng = np.random.default_rng(seed)
+                queries = train[rng.choice(len(train), size=min(n_tune, len(train)), replace=False)]
+            truth = _RunningTopK(_check_queries(queries, index.dim), k)
+            for batch in batches:
+                x, ids = _check_vectors(*batch, dim=index.dim)
+                index._ivf.add_with_ids(x, ids)      # = index.add, without checking the batch twice
+                truth.update(x, ids)
+                del batch, x, ids                # before the next batch is read, not after
+            index.tune(truth.queries, k=k, target=target_recall, truth=truth.ids)
         index.build_seconds = time.perf_counter() - t0
         return index
 
-    def _train(self, x: np.ndarray, *, niter: int, seed: int) -> None:
+    @classmethod
+    def _filled_exact(cls, batches, *, exact_max: int) -> "VectorIndex":
+        """An exact index of the batches, concatenated once at the end (a single float32 batch is
+        kept as is, without a copy)."""
+        parts = [_check_vectors(*batch) for batch in batches]
+        if not parts:
+            raise ValueError("no vectors to index: the batches were empty")
+        dims = {x.shape[1] for x, _ in parts if len(x)} or {parts[0][0].shape[1]}
+        if len(dims) > 1:
+            raise ValueError(f"the batches hold vectors of different dimensions {sorted(dims)}")
+        index = cls(dims.pop(), kind="exact", exact_max=exact_max)
+        parts = [(x, ids) for x, ids in parts if len(x)] or parts[:1]
+        if len(parts) == 1:
+            index.add(*parts[0])
+        else:
+            index.add(np.concatenate([x for x, _ in parts]), np.concatenate([i for _, i in parts]))
+        return index
+
+    def _train(self, sample: np.ndarray, *, niter: int, seed: int) -> None:
+        """Spherical k-means of ``sample`` (already drawn: at most TRAIN_PER_CELL per cell) into
+        the coarse quantizer."""
         faiss = _faiss()
         coarse = f"IVF{self.nlist}" + ("_HNSW32" if self.quantizer == "hnsw" else "")
         factory = f"{coarse},{'Flat' if self.codec == 'flat' else 'SQ8'}"
@@ -119,10 +181,7 @@ class VectorIndex:
         ivf.cp.seed = seed
         ivf.cp.spherical = True              # centroids on the unit sphere suit inner product
         ivf.cp.max_points_per_centroid = TRAIN_PER_CELL
-        n_train = min(len(x), TRAIN_PER_CELL * self.nlist)
-        rng = np.random.default_rng(seed)
-        sample = x if n_train == len(x) else x[np.sort(rng.choice(len(x), size=n_train, replace=False))]
-        index.train(np.ascontiguousarray(sample))
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
         self._ivf = index
 
     def add(self, embeddings: np.ndarray, ids: np.ndarray) -> None:
@@ -246,6 +305,43 @@ def _check_vectors(embeddings, ids, dim: int | None = None) -> tuple[np.ndarray,
     if not np.isfinite(x).all():
         raise ValueError("embeddings contain NaN or infinite values")
     return x, np.ascontiguousarray(ids, dtype=np.int64)
+
+
+def _dim_of(train) -> int:
+    if train is None or np.ndim(train) != 2:
+        raise ValueError("an IVF index needs a 2-D training sample [M, D] of the vectors it will hold")
+    return int(np.shape(train)[1])
+
+
+def _training_set(train: np.ndarray, nlist: int, n_train: int, seed: int) -> np.ndarray:
+    """The k-means sample: ``train`` itself, or ``n_train`` of its rows when it holds more."""
+    train = np.asarray(train, dtype=np.float32)
+    if len(train) < nlist:
+        raise ValueError(f"an IVF index with {nlist} cells needs at least {nlist} training vectors, "
+                         f"got {len(train)}")
+    if len(train) <= n_train:
+        return train
+    rng = np.random.default_rng(seed)
+    return train[np.sort(rng.choice(len(train), size=n_train, replace=False))]
+
+
+class _RunningTopK:
+    """Exact top-``k`` ids of a few queries over vectors seen batch by batch: the ground truth of
+    :meth:`VectorIndex.tune` without holding every vector (one batch + Q x 2k scores at a time)."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries, self.k = queries, k
+        self.scores = np.full((len(queries), 0), -np.inf, np.float32)
+        self.ids = np.zeros((len(queries), 0), np.int64)
+
+    def update(self, x: np.ndarray, ids: np.ndarray) -> None:
+        s, i = _exact_search(x, ids, self.queries, self.k)
+        if self.ids.shape[1] == 0:
+            self.scores, self.ids = s, i
+            return
+        s, i = np.concatenate([self.scores, s], axis=1), np.concatenate([self.ids, i], axis=1)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :self.k]
+        self.scores, self.ids = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
 
 def _check_queries(queries, dim: int) -> np.ndarray:

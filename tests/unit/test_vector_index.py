@@ -177,3 +177,45 @@ def test_single_query_vector_is_accepted(data):
     index = VectorIndex.build(x[:1000], ids[:1000])
     scores, found = index.search(x[0], 4)
     assert found.shape == (1, 4) and found[0, 0] == ids[0]
+
+
+def test_running_top_k_over_batches_equals_one_exact_search(data):
+    from core.store.vector_index import _RunningTopK
+
+    x, ids = data
+    q = x[::250]
+    running = _RunningTopK(q, 24)
+    for start in range(0, len(x), 777):                  # uneven batches, the last one short
+        running.update(x[start:start + 777], ids[start:start + 777])
+    ref_s, ref_i = brute_force(x, ids, q, 24)
+    np.testing.assert_allclose(running.scores, ref_s, rtol=1e-5, atol=1e-6)
+    assert recall_at_k(running.ids, ref_i) > 0.99        # only exact ties may swap
+
+
+def test_build_streamed_from_batches_reaches_the_recall_of_build(data, held_out):
+    pytest.importorskip("faiss")
+    x, ids = data
+    rng = np.random.default_rng(3)
+    train = x[np.sort(rng.choice(len(x), size=3000, replace=False))]
+    batches = ((x[s:s + 1000], ids[s:s + 1000]) for s in range(0, len(x), 1000))
+    ivf = VectorIndex.build_streamed(batches, train=train, total=len(x), kind="ivf", target_recall=0.95)
+    assert ivf.kind == "ivf" and len(ivf) == len(x) and ivf.nlist == default_nlist(len(x))
+    assert ivf.recall >= 0.95
+    _, truth = VectorIndex.build(x, ids, kind="exact").search(held_out, 24)
+    assert recall_at_k(ivf.search(held_out, 24)[1], truth) >= 0.9
+
+
+def test_build_streamed_exact_kind_concatenates_the_batches(data):
+    x, ids = data
+    batches = [(x[s:s + 3000], ids[s:s + 3000]) for s in range(0, len(x), 3000)]
+    index = VectorIndex.build_streamed(batches, train=None, total=len(x))
+    assert index.kind == "exact" and len(index) == len(x)
+    np.testing.assert_array_equal(index.search(x[:20], 24)[1], VectorIndex.build(x, ids).search(x[:20], 24)[1])
+
+
+def test_build_streamed_ivf_needs_a_training_sample(data):
+    x, ids = data
+    with pytest.raises(ValueError, match="training sample"):
+        VectorIndex.build_streamed([(x, ids)], train=None, total=len(x), kind="ivf")
+    with pytest.raises(ValueError, match="at least 100 training vectors"):
+        VectorIndex.build_streamed([(x, ids)], train=x[:50], total=len(x), kind="ivf", nlist=100)
