@@ -359,7 +359,13 @@ def cmd_train_st(args) -> int:
                      "SciSt-style fusion: learned composition over the reference types × reference profiles "
                      f"as a query token, two-way attention over {_ENCODER_NAMES.get(encoder, encoder)} "
                      "feature-map tokens, residual MLP to the panel (log1p CP10k over the panel)."))
-    card = save_checkpoint(args.out, head, card)
+    import numpy as np
+
+    from core.training.joint import joint_fit
+
+    joint = joint_fit(np.concatenate([p.tokens for p in prepared]), np.concatenate([p.y for p in prepared]),
+                      epochs=args.epochs, seed=args.seed)
+    card = save_checkpoint(args.out, head, card, joint=joint)
     print(f"saved {args.out} (version {card.version}) in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -576,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     from core.cli_domains import add_domains_commands
     from core.cli_export import add_export_commands
     from core.cli_measured import add_measured_commands
+    from core.cli_query import add_query_commands
     from core.cli_signatures import add_signatures_commands
     add_analysis_commands(sub)
     add_export_commands(sub)
@@ -583,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_measured_commands(sub)
     add_signatures_commands(sub)
     add_cells_commands(sub)
+    add_query_commands(sub)
     return p
 
 

@@ -58,7 +58,7 @@ def ensure_model(demo_dir: Path, manifest: dict, *, seed: int, epochs: int = 40)
         description="SciSt-style fusion (the same architecture as breast-her2st): learned composition × "
                     "synthetic reference profiles as a query token, two-way attention over frozen ImageNet "
                     "EfficientNet-Lite0 feature-map tokens, residual MLP to the panel; trained on synthetic ST sections.")
-    save_checkpoint(out, model.head, card)
+    save_checkpoint(out, model.head, card, joint=model.joint)
     log.info("demo model: trained, held-out %s mean PCC %.3f", held_out, metrics["held_out"][held_out]["mean_pcc"])
     return out
 

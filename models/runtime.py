@@ -25,6 +25,13 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("expression", "embedding", "composition")
+OPTIONAL = ("joint",)   # outputs of models that have them (models.joint: the joint-space embedding)
+
+
+def outputs_of(model: nn.Module) -> tuple[str, ...]:
+    """The outputs a model returns: :data:`OUTPUTS`, plus ``joint`` when it ships a joint space."""
+    inner = getattr(model, "model", model)
+    return OUTPUTS + (("joint",) if getattr(inner, "joint", None) is not None else ())
 TOLERANCE = 1e-3  # max |ONNX − PyTorch| on any output, in log-expression units (observed: ~1e-5)
 
 
@@ -37,7 +44,7 @@ class _Outputs(nn.Module):
 
     def forward(self, tiles: torch.Tensor):
         out = self.model(tiles)
-        return tuple(out[name] for name in OUTPUTS)
+        return tuple(out[name] for name in outputs_of(self.model))
 
 
 class TorchRuntime:
@@ -48,6 +55,7 @@ class TorchRuntime:
     def __init__(self, model: nn.Module, device: torch.device):
         self.device = device
         self.model = model.to(device).eval()
+        self.outputs = outputs_of(model)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -60,7 +68,7 @@ class TorchRuntime:
             amp = torch.autocast("cuda", dtype=dtype)
         with torch.inference_mode(), amp:
             out = self.model(tiles.to(self.device, non_blocking=True))
-            return {name: out[name].float().cpu().numpy() for name in OUTPUTS}
+            return {name: out[name].float().cpu().numpy() for name in self.outputs}
 
 
 class OnnxRuntime:
@@ -76,10 +84,11 @@ class OnnxRuntime:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.outputs = tuple(o.name for o in self.session.get_outputs())
 
     def __call__(self, tiles: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
         array = tiles.numpy() if isinstance(tiles, torch.Tensor) else tiles
-        return dict(zip(OUTPUTS, self.session.run(None, {"tiles": np.ascontiguousarray(array)})))
+        return dict(zip(self.outputs, self.session.run(None, {"tiles": np.ascontiguousarray(array)})))
 
 
 ONNX_MAX_BYTES = 2 ** 31 - 2 ** 26  # one protobuf file holds < 2 GiB (ViT-L fp32, 1.2 GB, fits; ViT-H does not)
@@ -94,14 +103,15 @@ def export_onnx(model: nn.Module, input_px: int, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     example = torch.zeros(2, input_px, input_px, 3, dtype=torch.uint8)
-    axes = {name: {0: "batch"} for name in ("tiles", *OUTPUTS)}
+    names = outputs_of(model)
+    axes = {name: {0: "batch"} for name in ("tiles", *names)}
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
             torch.onnx.export(_Outputs(model.cpu().eval()), (example,), str(tmp), input_names=["tiles"],
-                              output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=17, dynamo=False)
+                              output_names=list(names), dynamic_axes=axes, opset_version=17, dynamo=False)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -109,7 +119,9 @@ def export_onnx(model: nn.Module, input_px: int, path: Path) -> Path:
 
 
 def max_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return max(float(np.abs(a[k] - b[k]).max()) for k in OUTPUTS)
+    if set(a) != set(b):
+        return float("inf")                      # a runtime lost (or invented) an output
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
 def verification_batch(input_px: int, n: int = 6) -> torch.Tensor:

@@ -74,11 +74,12 @@ class ReferenceInformedHead(ReferenceHead):
 class TesseraModel(nn.Module):
     """uint8 tiles [B,H,W,3] → the head's outputs. Normalisation happens inside, on the device."""
 
-    def __init__(self, encoder: EncoderSpec, head: nn.Module):
+    def __init__(self, encoder: EncoderSpec, head: nn.Module, joint: nn.Module | None = None):
         super().__init__()
         self.encoder = encoder.module
         self.encoder_name = encoder.name
         self.head = head
+        self.joint = joint        # models.joint.JointSpace: adds the tile's "joint" image embedding
         self.uses_tokens = isinstance(head, FusionHead)  # fusion heads attend over the feature map
         self.register_buffer("mean", torch.tensor(encoder.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(encoder.std).view(1, 3, 1, 1) * 255.0)
@@ -92,7 +93,10 @@ class TesseraModel(nn.Module):
         return (self.encoder.tokens(x) if self.uses_tokens else self.encoder(x)).float()
 
     def forward_head(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.head(feats.float())
+        out = self.head(feats.float())
+        if self.joint is not None:
+            out["joint"] = self.joint.image(feats.float())
+        return out
 
     def forward(self, tiles_uint8: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(tiles_uint8))
@@ -235,7 +239,8 @@ _HEADS = {"pooled": (HeadConfig, ReferenceInformedHead), "fusion": (FusionConfig
           "probe_fusion": (FusionConfig, ProbeFusionHead)}
 
 
-def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard, *, half: bool = True) -> ModelCard:
+def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard, *, half: bool = True,
+                    joint: nn.Module | None = None) -> ModelCard:
     """Write ``model.pt`` + ``card.json``; the version is the first 12 hex digits of the SHA-256
     of the written ``model.pt`` (see :func:`version_for`).
 
@@ -244,6 +249,9 @@ def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard, *, half: 
 
     ``half`` stores floating-point weights as float16 (half the size; loading casts them back to
     float32, and predictions move by ~1e-3 of a log-expression unit).
+
+    ``joint``: a :class:`models.joint.JointSpace` saved with the head (``joint_config``,
+    ``joint_state``, kept in float32: its buffers standardise expression).
     """
     directory.mkdir(parents=True, exist_ok=True)
     head_type = "probe_fusion" if isinstance(head, ProbeFusionHead) else "fusion" if isinstance(head, FusionHead) else "pooled"
@@ -253,6 +261,9 @@ def save_checkpoint(directory: Path, head: nn.Module, card: ModelCard, *, half: 
     card_dict = json.loads(json.dumps(_plain({**asdict(card), "version": ""})))  # plain JSON types only
     payload = {"format": CHECKPOINT_FORMAT, "head_type": head_type, "head_config": _plain(asdict(head.config)),
                "head_state": state, "card": card_dict}
+    if joint is not None:
+        payload["joint_config"] = _plain(joint.config.to_dict())
+        payload["joint_state"] = {k: v.detach().float() for k, v in joint.state_dict().items()}
     path = directory / "model.pt"
     torch.save(payload, path)
     card.version = version_for(_read_weights(path)[1])
@@ -283,6 +294,44 @@ def _unpickle(path: Path, data: bytes) -> dict:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: not a Tessera checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
     return payload
+
+
+def _joint_of(path: Path, payload: dict):
+    """The checkpoint's :class:`models.joint.JointSpace`, or None when it ships none."""
+    if "joint_state" not in payload and "joint_config" not in payload:
+        return None
+    from models.joint import JointConfig, JointSpace
+
+    config, state = payload.get("joint_config"), payload.get("joint_state")
+    if not isinstance(config, dict) or not isinstance(state, dict) or \
+            not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: incomplete joint space (config or weights missing)")
+    try:
+        joint = JointSpace(JointConfig(**config))
+        joint.load_state_dict({k: v.float() for k, v in state.items()})
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: the joint space's weights do not fit its config ({exc})") from None
+    return joint.eval()
+
+
+def attach_joint(directory: Path, joint: nn.Module, metrics: dict | None = None) -> ModelCard:
+    """Add (or replace) the joint space of an existing checkpoint without touching its head: the
+    head's stored tensors are written back as they were read. The version changes (it is the
+    file's hash), so the store keys the model's runs anew. ``metrics`` go to the card's
+    ``metrics["joint"]``."""
+    directory = Path(directory)
+    path = directory / "model.pt"
+    payload = _unpickle(path, _read_weights(path)[0])
+    payload["joint_config"] = _plain(joint.config.to_dict())
+    payload["joint_state"] = {k: v.detach().float() for k, v in joint.state_dict().items()}
+    card = json.loads((directory / "card.json").read_text())
+    if metrics is not None:
+        card.setdefault("metrics", {})["joint"] = _plain(metrics)
+    payload["card"] = {**payload.get("card", {}), "metrics": card.get("metrics", {})}
+    torch.save(payload, path)
+    card["version"] = version_for(_read_weights(path)[1])
+    (directory / "card.json").write_text(json.dumps(card, indent=2))
+    return ModelCard.from_dict(card)
 
 
 def load_checkpoint(directory: Path, *, encoder_weights: str | Path | None = None,
@@ -335,6 +384,6 @@ def load_checkpoint(directory: Path, *, encoder_weights: str | Path | None = Non
         raise EncoderWeightsError(f"its encoder {card.encoder} cannot be built: {exc}") from None
     except KeyError as exc:
         raise CheckpointError(f"{directory / 'card.json'}: {exc.args[0] if exc.args else exc}") from None
-    model = TesseraModel(encoder, head).eval()
+    model = TesseraModel(encoder, head, _joint_of(path, payload)).eval()
     model.encoder_weights = str(weights) if weights is not None else None
     return model, card

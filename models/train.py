@@ -70,6 +70,33 @@ def fit_fusion(head, tokens: torch.Tensor, targets: torch.Tensor, *, composition
                       batch_loss=batch_loss, name="fusion")
 
 
+def fit_joint(space, features: torch.Tensor, targets: torch.Tensor, *, epochs: int = 40, seed: int = 0,
+              batch_size: int = 256, lr: float = 1e-3) -> list[float]:
+    """Fit a :class:`models.joint.JointSpace` on (pooled image features [N, C] or tokens
+    [N, T, C], measured profiles [N, G]) pairs by symmetric InfoNCE. The expression tower's
+    standardisation (per-gene mean and std of ``targets``) is set first. One-cycle schedule,
+    fixed epochs: nothing is chosen on held-out data."""
+    torch.manual_seed(seed)
+    x = space.pooled(features.float())
+    y = targets.float()
+    space.gene_mean.copy_(y.mean(dim=0))
+    space.gene_std.copy_(y.std(dim=0).clamp_min(1e-2))
+    top = y >= torch.quantile(y, 0.9, dim=0)[None, :]
+    space.gene_prototypes.copy_((top.T.float() @ y) / top.sum(dim=0).clamp_min(1)[:, None])
+    n = len(x)
+    if n < 2:
+        raise ValueError("a joint space needs at least two training spots")
+
+    def batch_loss(idx, gen):
+        if len(idx) < 2:                       # a last batch of one has no negatives
+            idx = torch.cat([idx, torch.randint(n, (1,), generator=gen)])
+        return space.loss(space.image(x[idx]), space.expression(y[idx]))
+
+    opt = torch.optim.AdamW(space.parameters(), lr=lr, weight_decay=1e-2)
+    return _one_cycle(space, opt, lr, n, epochs=epochs, batch_size=min(batch_size, n), seed=seed,
+                      batch_loss=batch_loss, name="joint")
+
+
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """One of the 8 flips/rotations of images [B, H, W, C] (k in 0..7); H&E has no orientation."""
     if k >= 4:

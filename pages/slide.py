@@ -176,6 +176,25 @@ def tile_details(model: str, row, tiles_by_layer: dict, x: int, y: int, categori
     return hit
 
 
+def seed_click(key: str, row) -> None:
+    """A link's ``?at=x,y`` (level-0 px, e.g. from a Cross-modal result) opens the slide with that
+    tile selected, once per page visit; a value off the slide is ignored with a notice."""
+    seeded = st.session_state.setdefault("_at_seeded", set())
+    raw = st.query_params.get("at")
+    if not raw or (key, raw) in seeded:
+        return
+    seeded.add((key, raw))
+    try:
+        x, y = (int(v) for v in str(raw).split(","))
+    except ValueError:
+        x = y = -1
+    if not (0 <= x < int(row["width"]) and 0 <= y < int(row["height"])):
+        _ui.notice(f"The link's at={raw} is not a point of this slide; showing the whole slide.")
+        return
+    size = int(row["tile_size"])
+    st.session_state[key] = {"panel": 0, "x": x + size // 2, "y": y + size // 2, "n": 0}
+
+
 def marker_for(click, index, row, tiles=None, step: int | None = None) -> dict | None:
     if not click or click.get("panel") != index:
         return None
@@ -246,6 +265,7 @@ def single(cohort, model, slides, row, options, labels, tile_um) -> None:
         cohort_vals = _ui.query(slideview.cohort_values, cohort, model, keys, layer, tile_um)
     vrange = color_range([tiles], display["scope"], display["robust"], cohort_vals, display["custom"])[0]
     ckey = f"click_single_{row['slide_name']}"
+    seed_click(ckey, row)
     click = st.session_state.get(ckey)
     name = labels.get(layer.split("@")[0], layer.split(":", 1)[-1])
     panels = [panel(shown, tiles, cats, name, vrange, display, marker_for(click, 0, shown, tiles, step),

@@ -56,6 +56,39 @@ def _profile_table(expression: pd.Series, baseline: pd.Series, top: int) -> pd.D
     return df.sort_values("predicted", ascending=False).head(top).reset_index(drop=True)
 
 
+def ranked_profile(expression: pd.Series, stats: pd.DataFrame, top: int = 20) -> pd.DataFrame:
+    """A predicted profile ranked against the cohort: gene, predicted, cohort_mean, cohort_sd,
+    z = (predicted − cohort mean) / cohort sd over the cohort's tiles, log_fc = predicted − cohort
+    mean (log1p units: the natural log of the ratio of CP10k + 1); the ``top`` highest z first.
+    Ranking by the raw value would list the genes every tile expresses most (FTL, ACTB, …)."""
+    stats = stats.reindex(expression.index)
+    df = pd.DataFrame({"gene": expression.index, "predicted": expression.to_numpy(dtype=float),
+                       "cohort_mean": stats["mean"].to_numpy(float), "cohort_sd": stats["sd"].to_numpy(float)})
+    df["z"] = (df["predicted"] - df["cohort_mean"]) / df["cohort_sd"]
+    df["log_fc"] = df["predicted"] - df["cohort_mean"]
+    return df.sort_values("z", ascending=False, kind="stable").head(top).reset_index(drop=True)
+
+
+def cohort_stats(store, model_key: str, run_keys: list[str], genes: list[str] | None = None) -> pd.DataFrame:
+    """Per gene (index) the mean and sd of the prediction over the runs' tiles."""
+    from core.analysis.retrieval import _cohort_stats
+
+    return _cohort_stats(store, model_key, genes or list(store.model_info(model_key).genes), list(run_keys))
+
+
+def tile_top_genes(store, model_key: str, run_keys: list[str], run_key: str, tile_idx: int, *,
+                   top: int = 20) -> pd.DataFrame:
+    """A tile's predicted profile ranked against the cohort (:func:`ranked_profile`)."""
+    profile = store.tile_profile(model_key, run_key, tile_idx).astype(float)
+    return ranked_profile(profile, cohort_stats(store, model_key, run_keys, list(profile.index)), top)
+
+
+def patch_top_genes(store, model_key: str, run_keys: list[str], expression: pd.Series, *,
+                    top: int = 20) -> pd.DataFrame:
+    """A patch's predicted profile ranked against the cohort (:func:`ranked_profile`)."""
+    return ranked_profile(expression, cohort_stats(store, model_key, run_keys, list(expression.index)), top)
+
+
 def similar_tiles(store, model_key: str, run_keys: list[str], run_key: str, tile_idx: int, *,
                   k: int = 12) -> pd.DataFrame:
     """Tiles whose embedding is closest (cosine) to the query tile, excluding the tile itself
@@ -104,6 +137,7 @@ def predict_patch(model, tile: np.ndarray) -> dict:
         out = model.module(torch.from_numpy(np.array(tile, dtype=np.uint8, copy=True))[None])
     return {"expression": pd.Series(out["expression"][0].float().numpy(), index=model.genes),
             "embedding": out["embedding"][0].float().numpy(),
+            "joint": out["joint"][0].float().numpy() if "joint" in out else None,
             "composition": pd.Series(out["composition"][0].float().numpy(), index=model.cell_types)}
 
 

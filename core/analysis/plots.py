@@ -30,8 +30,19 @@ def heatmap_overlay(thumb: np.ndarray, slide_size: tuple[int, int], tiles: pd.Da
 
 
 def profile_bars(profile: pd.DataFrame) -> go.Figure:
-    """Horizontal bars of a tile's top predicted genes."""
+    """Horizontal bars of a tile's top genes: their z-score against the cohort's tiles when the
+    profile is ranked against the cohort (:func:`core.analysis.crossmodal.ranked_profile`), else
+    the predicted value coloured by the difference from the slide."""
     df = profile.iloc[::-1]
+    if "z" in df.columns:
+        fig = go.Figure(go.Bar(x=df["z"], y=df["gene"], orientation="h",
+                               marker_color=np.where(df["z"] > 0, "#d62728", "#1f77b4"),
+                               customdata=np.stack([df["predicted"], df["cohort_mean"]], axis=1),
+                               hovertemplate="%{y}: z %{x:.2f} (predicted %{customdata[0]:.2f}, cohort mean "
+                                             "%{customdata[1]:.2f} log1p CP10k)<extra></extra>"))
+        fig.update_layout(xaxis_title="z-score against the cohort's tiles", height=max(300, 18 * len(df)),
+                          margin={"l": 10, "r": 10, "t": 10, "b": 10})
+        return fig
     fig = go.Figure(go.Bar(x=df["predicted"], y=df["gene"], orientation="h",
                            marker_color=np.where(df["vs_slide"] > 0, "#d62728", "#1f77b4"),
                            hovertemplate="%{y}: %{x:.2f}<extra></extra>"))

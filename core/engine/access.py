@@ -66,7 +66,8 @@ def ingest_spool(store: Store, spool: Spool, *, failures: dict[str, str] | None 
                 summary = (slide_summary(arrays["expression"], xy, run.tile_size, model["genes"]) if on_grid is None
                            else slide_summary(arrays["expression"][on_grid], xy[on_grid], run.tile_size, model["genes"]))
                 store.write_run(run, xy, arrays["tissue"], arrays["expression"], arrays["embedding"],
-                                arrays["composition"], arrays.get("nuclei"), summary=summary, cells=cells)
+                                arrays["composition"], arrays.get("nuclei"), summary=summary, cells=cells,
+                                joint=arrays.get("joint"))
             except Exception as exc:  # noqa: BLE001 - rolled back by the store; this run only
                 reason = f"the store refused it: {type(exc).__name__}: {exc}"
                 if failures is not None:

@@ -263,6 +263,7 @@ class Spool:
             "y": np.asarray(xy[:, 1], np.int32), "tissue": np.asarray(tissue, np.float32),
             **{name: _fixed(outputs[name]) for name in OUTPUTS},
             **({"nuclei": _fixed(outputs["nuclei"], np.int16)} if outputs.get("nuclei") is not None else {}),
+            **({"joint": _fixed(outputs["joint"])} if outputs.get("joint") is not None else {}),
             **(_cell_columns(outputs) if outputs.get("cells") is not None else {}),
         })
         atomic_write(folder / _chunk_name(chunk), lambda p: pq.write_table(table, p))
@@ -314,6 +315,9 @@ class Spool:
         for name in OUTPUTS:
             col = table.column(name).combine_chunks()
             arrays[name] = np.asarray(col.flatten(), np.float32).reshape(len(col), -1)
+        if "joint" in table.column_names:       # the joint-space embedding (models with a joint space)
+            col = table.column("joint").combine_chunks()
+            arrays["joint"] = np.asarray(col.flatten(), np.float32).reshape(len(col), -1)
         if "nuclei" in table.column_names:      # per-class nucleus counts (predict --nuclei)
             col = table.column("nuclei").combine_chunks()
             arrays["nuclei"] = np.asarray(col.flatten(), np.int16).reshape(len(col), -1)

@@ -169,7 +169,7 @@ class Store(StoreQueries, DomainTables, CellTables):
 
     def write_run(self, run: RunRecord, xy: np.ndarray, tissue: np.ndarray, expression: np.ndarray,
                   embedding: np.ndarray, composition: np.ndarray, nuclei: np.ndarray | None = None, *,
-                  summary: pd.DataFrame, cells: dict | None = None) -> int:
+                  summary: pd.DataFrame, cells: dict | None = None, joint: np.ndarray | None = None) -> int:
         """Write a whole slide's results atomically; the ``runs`` row is the completion marker.
         A run written again replaces the old one under a new ``run_id``. Returns the run id.
 
@@ -177,7 +177,8 @@ class Store(StoreQueries, DomainTables, CellTables):
         statistics per gene (``SUMMARY_COLUMNS``: gene, mean, median, q90, morans_i), computed by
         :func:`core.analysis.spatial.slide_summary`; the store stores them, it does not compute them.
         ``cells``: a cells run's cells as read from the spool (``cells``, ``cell_tile``, ``cell_w``,
-        ``cell_z`` and the record ``fields``), written in the same transaction.
+        ``cell_z`` and the record ``fields``), written in the same transaction. ``joint``: the
+        tiles' embeddings in the model's joint space [n, d] (models that ship one).
         """
         info = self.model_info(run.model_key)
         genes = info.genes
@@ -217,6 +218,8 @@ class Store(StoreQueries, DomainTables, CellTables):
                    "composition": list_array(composition)}
             if nuclei is not None:
                 vec["nuclei"] = list_array(nuclei, np.int16)
+            if joint is not None:
+                vec["joint"] = list_array(joint)
             con.register("_vec", pa.table(vec))
             con.execute("INSERT INTO tile_vectors BY NAME SELECT * FROM _vec")
             if cells is not None:

@@ -72,19 +72,21 @@ class StoreQueries:
         return tiles, matrix, genes
 
     def top_tiles(self, model_key: str, gene: str | list[str] | dict[str, float], run_keys: list[str], k: int = 24,
-                  *, offset: float = 0.0) -> pd.DataFrame:
+                  *, offset: float = 0.0, lowest: bool = False) -> pd.DataFrame:
         """The ``k`` tiles with the highest predicted value of ``gene`` (or of the mean of a
-        signature's genes, or of a weighted sum: see :meth:`_value`) across the given runs."""
+        signature's genes, or of a weighted sum: see :meth:`_value`) across the given runs;
+        ``lowest``: the ``k`` lowest instead (bottom-k, for contrast)."""
         table, value = self._value(model_key, gene, offset)
+        order = "ASC" if lowest else "DESC"
         # top k first (one column scan), then join only those k rows to the runs: joining every
         # tile first costs seconds at 10 M tiles (benchmarks/store_bench.py)
         return self.con.execute(f"""
             WITH sel AS (SELECT run_id, run_key, tile_size, slide_name, slide_path FROM runs
                          WHERE run_key IN (SELECT unnest(?::VARCHAR[]))),
                  top AS (SELECT run_id, tile_idx, x, y, {value} AS value FROM {table}
-                         WHERE run_id IN (SELECT run_id FROM sel) ORDER BY value DESC LIMIT ?)
+                         WHERE run_id IN (SELECT run_id FROM sel) ORDER BY value {order} LIMIT ?)
             SELECT sel.run_key, top.tile_idx, top.value, top.x, top.y, sel.tile_size, sel.slide_name, sel.slide_path
-            FROM top JOIN sel USING (run_id) ORDER BY top.value DESC""", [list(run_keys), k]).df()
+            FROM top JOIN sel USING (run_id) ORDER BY top.value {order}""", [list(run_keys), k]).df()
 
     def tile_profile(self, model_key: str, run_key: str, tile_idx: int) -> pd.Series:
         info = self.model_info(model_key)
@@ -113,13 +115,61 @@ class StoreQueries:
             raise StoreError(f"No tile {tile_idx} in run {run_key}.")
         return np.asarray(row[0], dtype=np.float32)
 
-    def embeddings(self, run_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def embeddings(self, run_ids: list[int], space: str = "image") -> tuple[np.ndarray, np.ndarray]:
         """(ids ``run_id << 32 | tile_idx`` [N] int64, embeddings [N, E]) of the given runs, for
-        the vector index (:mod:`core.store.tile_index`)."""
-        tbl = self.con.sql("""SELECT (run_id::BIGINT << 32) | tile_idx AS id, embedding FROM tile_vectors
-                              WHERE run_id IN (SELECT unnest(?::INTEGER[])) ORDER BY run_id, tile_idx""",
+        the vector index (:mod:`core.store.tile_index`). ``space``: ``image`` (the model's tile
+        embedding) or ``joint`` (the joint image ↔ expression space; only tiles that have one)."""
+        column = {"image": "embedding", "joint": "joint"}.get(space)
+        if column is None:
+            raise ValueError(f"space must be 'image' or 'joint', not {space!r}")
+        tbl = self.con.sql(f"""SELECT (run_id::BIGINT << 32) | tile_idx AS id, {column} AS v FROM tile_vectors
+                               WHERE run_id IN (SELECT unnest(?::INTEGER[])) AND {column} IS NOT NULL
+                               ORDER BY run_id, tile_idx""",
                            params=[[int(r) for r in run_ids]]).to_arrow_table()
-        return np.asarray(tbl.column("id").to_numpy(), dtype=np.int64), stack_lists(tbl.column("embedding"))
+        return np.asarray(tbl.column("id").to_numpy(), dtype=np.int64), stack_lists(tbl.column("v"))
+
+    def tile_vector(self, run_key: str, tile_idx: int, space: str = "image") -> np.ndarray | None:
+        """One tile's vector in ``space`` (``image``: its embedding; ``joint``: its joint-space
+        embedding, None when the run has none)."""
+        column = {"image": "embedding", "joint": "joint"}.get(space)
+        if column is None:
+            raise ValueError(f"space must be 'image' or 'joint', not {space!r}")
+        row = self._one(f"SELECT {column} FROM tile_vectors WHERE run_id=? AND tile_idx=?",
+                        [self._run_id(run_key), int(tile_idx)])
+        if row is None:
+            raise StoreError(f"No tile {tile_idx} in run {run_key}.")
+        return None if row[0] is None else np.asarray(row[0], dtype=np.float32)
+
+    def has_joint(self, run_keys: list[str]) -> bool:
+        """Whether any tile of the runs has a joint-space embedding (one tile per run is checked)."""
+        row = self._one("""SELECT count(*) FROM (SELECT run_id FROM runs WHERE run_key IN
+                               (SELECT unnest(?::VARCHAR[]))) r
+                           WHERE (SELECT joint FROM tile_vectors v WHERE v.run_id = r.run_id AND v.tile_idx = 0)
+                                 IS NOT NULL""", [list(run_keys)])
+        return bool(row and row[0])
+
+    def compositions_by_id(self, ids: np.ndarray) -> np.ndarray:
+        """Predicted compositions [n, T] of tiles addressed by ``run_id << 32 | tile_idx``, in order."""
+        ids = np.asarray(ids, np.int64)
+        if not len(ids):
+            return np.zeros((0, 0), np.float32)
+        self.con.register("_want", pa.table({"run_id": (ids >> 32).astype(np.int32),
+                                             "tile_idx": (ids & 0xFFFFFFFF).astype(np.int32),
+                                             "_order": np.arange(len(ids))}))
+        try:
+            tbl = self.con.sql("""SELECT v.composition FROM _want w JOIN tile_vectors v USING (run_id, tile_idx)
+                                  ORDER BY w._order""").to_arrow_table()
+        finally:
+            self.con.unregister("_want")
+        return stack_lists(tbl.column("composition"))
+
+    def mean_composition(self, run_keys: list[str], n_types: int) -> np.ndarray:
+        """The mean predicted composition [T] over the tiles of the runs (each slide weighted by its tiles)."""
+        cols = ", ".join(f"avg(composition[{i + 1}])" for i in range(int(n_types)))
+        row = self._one(f"""SELECT {cols} FROM tile_vectors WHERE run_id IN
+                            (SELECT run_id FROM runs WHERE run_key IN (SELECT unnest(?::VARCHAR[])))""",
+                        [list(run_keys)])
+        return np.asarray(row, dtype=np.float64)
 
     def model_runs(self, model_key: str) -> pd.DataFrame:
         """run_id, run_key, n_tiles of every complete default-grid run of a model (high-resolution

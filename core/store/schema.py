@@ -2,7 +2,8 @@
 
 Versions: v1 tables; v2 the import report's columns on ``cohort_slides``; v3 Moran's I in
 ``slide_summary``; v4 an integer ``run_id`` leading every per-tile table (x/y in ``pred_*``) and
-per-tile nucleus counts; v5 the cell tables (``cells``, ``cell_tiles``: :mod:`core.store.cell_tables`).
+per-tile nucleus counts; v5 the cell tables (``cells``, ``cell_tiles``: :mod:`core.store.cell_tables`);
+v6 the tile's embedding in the model's joint image ↔ expression space (``tile_vectors.joint``).
 Older stores are upgraded in place by the first writer.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from core.store.cell_tables import CELL_SCHEMA
 from core.store.domain_tables import DOMAIN_SCHEMA
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -57,6 +58,9 @@ CREATE TABLE IF NOT EXISTS measured_sources (
 
 # v4 (added in place): per-class nucleus counts per tile, when a job counted them (predict --nuclei).
 _TILE_VECTORS_V4 = [("nuclei", "SMALLINT[]")]
+# v6 (added in place): the tile's joint-space embedding, when the model ships a joint space
+# (models.joint; NULL for runs of models without one and for runs written before v6).
+_TILE_VECTORS_V6 = [("joint", "FLOAT[]")]
 # v3: Moran's I per slide and gene (spatial heterogeneity) in slide_summary.
 _SUMMARY_V3 = [("morans_i", "REAL")]
 # v2: the import report's columns on cohort_slides (added in place to v1 stores).
@@ -137,7 +141,7 @@ def migrate(con, path: Path) -> None:
         raise StoreError(f"{path} has schema v{row[0]}, newer than this Tessera (v{SCHEMA_VERSION}).")
     if "run_key" in columns(con, "tiles"):
         _migrate_v4(con, path)
-    for column, kind in _TILE_VECTORS_V4:
+    for column, kind in _TILE_VECTORS_V4 + _TILE_VECTORS_V6:
         con.execute(f"ALTER TABLE tile_vectors ADD COLUMN IF NOT EXISTS {column} {kind}")
     if row is None:
         con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])

@@ -52,13 +52,16 @@ def encode_patches(model, patches: np.ndarray, *, batch_size: int = 64) -> np.nd
 
 
 def train_on_sections(sections: list[Section], profiles: pd.DataFrame, *, encoder: str = "efficientnet_lite0",
-                      held_out: str | None = None, epochs: int = 40, seed: int = 0):
+                      held_out: str | None = None, epochs: int = 40, seed: int = 0, joint: bool = True):
     """Train a SciSt-style fusion head (:class:`models.fusion.FusionHead`) on frozen encoder tokens.
 
     The composition is learned (softmax over the reference types); where the sections carry a
     true composition (synthetic data only) it also supervises that composition. Returns
     (model, metrics): metrics on the ``held_out`` section (never used for fitting or for choosing
     epochs) and the training time. The caller saves the checkpoint.
+
+    ``joint``: also fit the joint image ↔ expression space (:mod:`core.training.joint`) on the
+    same features and targets (``model.joint``; its held-out retrieval in ``metrics["joint"]``).
     """
     import torch
     from models.encoders import create_encoder
@@ -92,5 +95,14 @@ def train_on_sections(sections: list[Section], profiles: pd.DataFrame, *, encode
         with torch.inference_mode():
             pred = head(torch.tensor(feats[test.name]))["expression"].numpy()
         metrics["held_out"] = {test.name: summarize(pred, test.targets, genes)}
+    if joint:
+        from core.training.joint import joint_fit, joint_metrics
+
+        x_train = np.concatenate([feats[s.name] for s in train])
+        y_train = np.concatenate([s.targets for s in train])
+        model.joint = joint_fit(x_train, y_train, epochs=epochs, seed=seed)
+        if held_out is not None:
+            metrics["joint"] = {"held_out": test.name, "train_sections": [s.name for s in train], "epochs": epochs,
+                                **joint_metrics(model.joint, y_train, feats[test.name], test.targets, genes)}
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
     return model, metrics

@@ -407,7 +407,7 @@ class Method:
 
     @property
     def seeded(self) -> bool:
-        return self.kind in ("fusion", "fusion_nuclei", "cnn", "prior", "ridge_prior")
+        return self.kind in ("fusion", "fusion_nuclei", "cnn", "prior", "ridge_prior", "joint_knn")
 
 
 METHODS: dict[str, Method] = {
@@ -437,6 +437,9 @@ METHODS: dict[str, Method] = {
                          tokens_from="efficientnet_lite2/base"),
     "full_nuclei": Method("fusion model, nuclei-derived composition as input", "fusion_nuclei"),
     "cnn": Method("end-to-end CNN regressor (ST-Net-like, EfficientNet-Lite0 fine-tuned, 112 px)", "cnn"),
+    "joint_knn": Method("BLEEP-style retrieval: mean measured profile of the 50 training spots nearest in the "
+                        "joint image ↔ expression space (contrastive projections of Lite0 features)", "joint_knn",
+                        shippable=False),
 }
 DEFAULT_METHODS = ["ridge", "ridge_d8", "ridge_lite1", "ridge_lite2", "ridge_ens", "ridge_ctx", "ridge_nbr",
                    "ridge_lite2_nbr", "ridge_prior", "prior", "prior_nuclei", "full", "full_aug", "full_lite2"]
@@ -486,6 +489,12 @@ def _predict_fold(train, tests, methods, profiles, seed, *, epochs, cnn_epochs, 
             head = timed(m, lambda: fusion_fit(train, profiles, compositions=[nuclei[p.name] for p in train],
                                                epochs=epochs, seed=seed))
             preds[m] = ([fusion_predict(head, t, nuclei[t.name])[0] for t in tests], {})
+        elif spec.kind == "joint_knn":
+            from core.training.joint import joint_fit, knn_predict
+
+            y_train = np.concatenate([p.y for p in train])
+            space = timed(m, lambda: joint_fit(np.concatenate([p.tokens for p in train]), y_train, seed=seed))
+            preds[m] = ([knn_predict(space, y_train, t.tokens) for t in tests], {})
         elif spec.kind == "cnn":
             preds[m] = ([timed(m, lambda t=t: cnn_predict(train, t, encoder=encoder, epochs=cnn_epochs, seed=seed))
                          for t in tests], {})

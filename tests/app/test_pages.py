@@ -67,9 +67,35 @@ def test_crossmodal_gallery_and_profile(app_env):
     assert_clean(at)
     captions = [c for img in at.get("image") for c in img.captions]
     assert any(c.startswith("tile 2 at") for c in captions)
+    at.radio(key="xm_kind").set_value("Signature").run()
     at.text_input(key="xm_sig").input("CD8A, cd3e").run()          # gene → morphology by a signature
     assert_clean(at)
-    assert any("mean of CD8A, CD3E" in c.value for c in at.caption)
+    assert any("CD8A, CD3E" in c.value for c in at.caption)
+
+
+def test_crossmodal_profile_in_the_joint_space_with_caps_filter_and_composition(app_env):
+    """A pasted profile → tiles closest in the joint space, at most one per slide, the composition
+    table; every result links to the Slide page at its tile; the predicted space says its score."""
+    at = run_page("pages/crossmodal.py")
+    at.radio(key="xm_kind").set_value("Profile").run()
+    at.text_area(key="xm_profile_text").input("CD8A 4\nGZMB 3\nCD3E 3.5\nNOTAGENE 2").run()
+    assert_clean(at)
+    assert at.radio(key="xm_find_profile_space").value == "joint"
+    at.number_input(key="xm_find_profile_cap_slide").set_value(1).run()
+    at.toggle(key="xm_find_profile_composition").set_value(True).run()
+    assert_clean(at)
+    assert any("closest in the joint space" in c.value for c in at.caption)
+    assert any("NOTAGENE" in i.value for i in at.info)
+    frames = [d.value for d in at.dataframe]  # in page order: the find tab's table comes first
+    results = next(v for v in frames if "open" in v.columns)
+    assert at.number_input(key="xm_find_profile_cap_slide").value == 1, [n.key for n in at.number_input]
+    assert results["slide"].is_unique, (len(results), results["slide"].value_counts().head(3))
+    assert results["open"].str.startswith("slide?slide=").all()
+    comp = next(v for v in frames if "cell type" in v.columns)
+    assert comp["cohort"].sum() == pytest.approx(1.0, abs=1e-3)
+    at.radio(key="xm_find_profile_space").set_value("predicted").run()
+    assert_clean(at)
+    assert any("z-projection" in c.value.replace("\\", "") for c in at.caption), [c.value for c in at.caption]
 
 
 def test_survival_reports_hr_and_p(app_env):

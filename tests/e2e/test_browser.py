@@ -137,7 +137,7 @@ def test_uploaded_patch_in_a_real_browser(server, page, demo_env, tmp_path):
     page.get_by_text("Tile → genes").first.click(timeout=60_000)
     page.get_by_text("An uploaded image patch").first.click(timeout=60_000)
     page.locator("input[type='file']").first.set_input_files(str(patch))
-    page.get_by_text("Most similar tiles across the cohort").first.wait_for(timeout=120_000)
+    page.get_by_text("Similar tiles across the cohort").first.wait_for(timeout=120_000)
     page.get_by_text("patch.png:").first.wait_for(timeout=60_000)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "crossmodal_patch.png"), full_page=True)
@@ -145,7 +145,7 @@ def test_uploaded_patch_in_a_real_browser(server, page, demo_env, tmp_path):
     assert page.locator("[data-testid='stImage']").count() >= 1 + 12
 
     page.locator("input[type='file']").first.set_input_files(str(bad))
-    page.get_by_text("Could not read notes.png as an image").first.wait_for(timeout=60_000)
+    page.get_by_text("notes.png is not a readable").first.wait_for(timeout=60_000)
     assert_clean(page, "non-image upload")
 
 

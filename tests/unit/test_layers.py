@@ -23,7 +23,7 @@ ALLOWED = {
     "core.export": BASE | {"core.wsi", "core.store", "core.analysis"},             # files of what analysis computes
     "core.viewer": BASE | {"core.wsi"},                                            # tiles read from the slide
     "core.demo": None, "core.cli": None, "core.cli_analysis": None,               # the top: anything in core
-    "core.cli_export": None, "core.cli_cells": None, "core.cli_domains": None, "core.cli_measured": None, "core.cli_signatures": None,
+    "core.cli_export": None, "core.cli_cells": None, "core.cli_query": None, "core.cli_domains": None, "core.cli_measured": None, "core.cli_signatures": None,
 }
 
 
