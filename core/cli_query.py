@@ -103,7 +103,8 @@ def cmd_query(args) -> int:
             query, notes = _patch_query(args, model)
         joint = getattr(model.module, "joint", None) if model is not None else None
         res = retrieve(store, args.cohort, key, query, space=args.space, k=args.k, lowest=args.lowest,
-                       per_slide=args.per_slide, per_patient=args.per_patient, where=_where(args.where), joint=joint)
+                       per_slide=args.per_slide, per_patient=args.per_patient, where=_where(args.where), joint=joint,
+                       method=args.method)
         res.notes[:0] = notes
         payload = res.to_json()
         payload.update(cohort=args.cohort, model=key)
@@ -166,6 +167,7 @@ def add_query_commands(sub) -> None:
     q.add_argument("--k", type=int, default=24)
     q.add_argument("--space", default=None, choices=["predicted", "image", "joint"],
                    help="default: predicted for genes/signatures, joint for profiles, image for tiles/patches")
+    q.add_argument("--method", default=None, help="a signature's scoring method (as on the page; default score_genes)")
     q.add_argument("--lowest", action="store_true", help="the bottom k (for contrast)")
     q.add_argument("--per-slide", type=int, default=None, help="at most N tiles per slide")
     q.add_argument("--per-patient", type=int, default=None, help="at most N tiles per patient")

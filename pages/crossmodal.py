@@ -98,12 +98,20 @@ def find_tiles(cohort: str, model: str, genes: list[str], has_joint: bool) -> No
         _ui.url_sync({"gene": gene})
         query = retrieval.Query("gene", genes=[gene])
     elif kind == "Signature":
+        from core.analysis.signature_scores import DEFAULT_METHOD, METHODS
+
         names = available(genes)
-        c1, c2 = st.columns(2)
+        _ui.url_seed("xm_lib", "signature", names)
+        _ui.url_seed("xm_method", "method", list(METHODS))
+        c1, c2, c3 = st.columns([2, 2, 1])
         library = c1.selectbox("Library signature", ["—"] + names, key="xm_lib",
                                format_func=lambda n: n if n == "—" else f"{n} · {SIGNATURES[n].description}")
         typed = c2.text_input("…or genes separated by commas", key="xm_sig")
+        start = {} if "xm_method" in st.session_state else {"index": list(METHODS).index(DEFAULT_METHOD)}
+        method = c3.selectbox("Signature score", list(METHODS), key="xm_method",
+                              help="; ".join(f"{m}: {d}" for m, d in METHODS.items()), **start)
         spec = typed.strip() or (library if library != "—" else "")
+        _ui.url_sync({"signature": library if library != "—" else None, "method": method if spec else None})
         if spec:
             query = retrieval.Query("signature", signature=spec)
     else:
@@ -128,6 +136,7 @@ def find_tiles(cohort: str, model: str, genes: list[str], has_joint: bool) -> No
                 query = retrieval.Query("profile", profile=profile, label=label)
     spaces = ["predicted", "joint"] if kind != "Profile" else ["joint", "predicted"]
     opts = options(f"xm_find_{kind.lower()}", spaces, cohort, has_joint)
+    opts["method"] = method if kind == "Signature" else None
     if query is None:
         st.caption("Choose or enter a query.")
         return
@@ -136,7 +145,7 @@ def find_tiles(cohort: str, model: str, genes: list[str], has_joint: bool) -> No
                                          help="The table `python -m core.cli signatures score` prints."):
         from core.analysis.signature_scores import slide_scores
 
-        table, _ = _ui.query(slide_scores, cohort, model, query.signature, "score_genes")
+        table, _ = _ui.query(slide_scores, cohort, model, query.signature, opts["method"])
         st.dataframe(table, hide_index=True, width="stretch", key="xm_slide_scores")
     if res is not None:
         show(res, cohort, model, opts)
@@ -146,7 +155,7 @@ def _search(cohort: str, model: str, query: retrieval.Query, opts: dict):
     joint = None
     if opts["space"] == "joint" and query.kind in ("gene", "signature", "profile"):
         joint = getattr(_ui.model(model).module, "joint", None)
-    kw = {k: opts[k] for k in ("space", "k", "lowest", "per_slide", "per_patient", "where")}
+    kw = {k: opts[k] for k in ("space", "k", "lowest", "per_slide", "per_patient", "where", "method")}
     if joint is None:
         return _ui.query(retrieval.retrieve, cohort, model, query, **kw)
     with Store(_ui.store_path(), read_only=True) as store:   # the model's space is not hashable: no cache

@@ -199,7 +199,9 @@ def _predicted(store, model_key, query, run_keys, lowest, method, notes):
         def fetch(n):
             return store.top_tiles(model_key, dict(scoring.weights), run_keys, n, offset=scoring.offset,
                                    lowest=lowest).rename(columns={"value": "score"})
-        return fetch, f"{scoring.name} score by {scoring.describe()}"
+        source = f" Source: {scoring.signature.source}." if scoring.signature.is_library else ""
+        return fetch, (f"{scoring.name} score by {scoring.describe()}. Reference: {scoring.n_tiles} tiles of "
+                       f"{scoring.n_runs} slides.{source}")
     profile = _query_profile(store, model_key, query, run_keys, notes)
     weights, offset = _z_projection(store, model_key, profile, run_keys)
 

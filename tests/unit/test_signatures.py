@@ -285,10 +285,12 @@ def test_cli_list_and_score_json(demo, capsys):
 
 def test_crossmodal_page_scores_a_library_signature(app_env):  # noqa: F811 (the fixture imported above)
     at = run_page("pages/crossmodal.py")
+    at.radio(key="xm_kind").set_value("Signature").run()
     at.selectbox(key="xm_lib").select("LumA_SC").run()
     assert_clean(at)
     captions = [c.value.replace("\\", "") for c in at.caption]
-    assert any("highest LumA_SC score by score_genes: mean of" in c and "Wu S.Z." in c for c in captions), captions
+    assert any("highest predicted" in c and "LumA_SC score by score_genes: mean of" in c and "Wu S.Z." in c
+               for c in captions), captions
     assert any("SH3BGRL" in i.value.replace("\\", "") for i in at.info)      # the missing genes are named
     assert len(at.get("image")) >= 24
     at.selectbox(key="xm_method").select("mean_z").run()
