@@ -133,7 +133,15 @@ def main(argv=None) -> None:
 
         res["her2st"] = st_loso(args.st, reference=args.reference)
     if args.bench_store.exists():
-        res["speed"] = speed_rows(args.bench_store, args.reps)
+        from core.store.db import Store
+
+        with Store(args.bench_store, read_only=True) as store:
+            has_cohort = bool(store.cohorts())
+        if has_cohort:
+            res["speed"] = speed_rows(args.bench_store, args.reps)
+        else:
+            print(f"({args.bench_store} holds no cohort: rebuild it with `python -m benchmarks.store_bench` "
+                  "for the speed rows)")
     else:
         print(f"(no simulated store at {args.bench_store}: run `python -m benchmarks.store_bench` for the speed rows)")
     print(report(res))
