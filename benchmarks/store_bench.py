@@ -10,7 +10,9 @@
    embedding driven by composition, spatial state and a per-slide batch effect.
 2. Time, on a read-only Store, the dashboard's queries: heatmap (one gene, one slide), cohort
    top-24 for one gene over every run, the per-slide summary for a few genes over every run,
-   and one slide's tile vectors.
+   and one slide's tile vectors. The slides are saved as a cohort (``BENCH-SIM``: one slide per
+   patient, ER status, stage, OS) with a 64-d joint-space embedding per tile (``--no-joint``:
+   none), so ``python -m benchmarks.retrieval`` can time the Cross-modal queries on this store.
 3. Build the model's similar-tiles index as the product does (:func:`core.store.tile_index.refresh`,
    beside the store in ``DIR/store.duckdb.index/``), time the Cross-modal page's query
    (:func:`core.analysis.crossmodal.similar_tiles`, top-24) against exact brute force over every embedding,
@@ -56,6 +58,7 @@ class SlideData:
     expression: np.ndarray   # [n, G] float32, 0-5
     embedding: np.ndarray    # [n, 64] float32 unit rows
     composition: np.ndarray  # [n, T] float32 rows summing to 1
+    joint: np.ndarray        # [n, 64] float32 unit rows: the joint image <-> expression space
 
 
 class Cohort:
@@ -75,6 +78,7 @@ class Cohort:
         self.resid_w = rng.normal(0, 0.25, size=(N_LATENT, g))
         self.type_emb = rng.normal(0, 1, size=(t, EMB_DIM)) / np.sqrt(EMB_DIM) * 2.0
         self.latent_emb = rng.normal(0, 1, size=(N_LATENT, EMB_DIM)) / np.sqrt(EMB_DIM) * 0.8
+        self.joint_w = rng.normal(0, 1, size=(g, EMB_DIM)) / np.sqrt(g)   # expression -> joint space
 
     def run_key(self, i: int) -> str:
         """Random-looking 24-hex keys, like ``core.engine.predict.run_key_for``."""
@@ -108,7 +112,11 @@ class Cohort:
         emb = comp @ self.type_emb + latent @ self.latent_emb + rng.normal(0, 0.25 / np.sqrt(EMB_DIM) * 4, EMB_DIM)
         emb += rng.normal(0, 0.35 / np.sqrt(EMB_DIM) * 4, size=emb.shape)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        return SlideData(xy, tissue, expr.astype(np.float32), emb.astype(np.float32), comp.astype(np.float32))
+        # the joint space mixes image and expression, as a contrastive projection does
+        joint = 0.5 * emb + (expr - expr.mean(axis=0)) @ self.joint_w.astype(np.float32)
+        joint /= np.linalg.norm(joint, axis=1, keepdims=True)
+        return SlideData(xy, tissue, expr.astype(np.float32), emb.astype(np.float32), comp.astype(np.float32),
+                         joint.astype(np.float32))
 
 
 def _waves(u: np.ndarray, rng, *, n_fields: int, n_waves: int, lo: float, hi: float) -> np.ndarray:
@@ -165,7 +173,8 @@ def _log(msg: str) -> None:
 
 
 # -- the steps ---------------------------------------------------------------------------------------
-def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory_limit: str) -> dict:
+def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory_limit: str,
+         joint: bool = True) -> dict:
     from core.analysis.spatial import slide_summary
     from core.store.db import RunRecord, Store
 
@@ -193,7 +202,8 @@ def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory
                                mpp=0.5, device="sim", seconds=0.0)
             # the summary as the engine's ingest computes it, inside the timed write as before
             store.write_run(record, s.xy, s.tissue, s.expression, s.embedding, s.composition,
-                            summary=slide_summary(s.expression, s.xy, TILE_PX, cohort.genes))
+                            summary=slide_summary(s.expression, s.xy, TILE_PX, cohort.genes),
+                            joint=s.joint if joint else None)
             t2 = time.perf_counter()
             gen_s += t1 - t0
             write_s += t2 - t1
@@ -203,8 +213,33 @@ def fill(store_path: Path, cohort: Cohort, n_slides: int, *, reuse: bool, memory
                 rates.append((i + 1, rate))
                 _log(f"fill: {i + 1}/{n_slides} slides, write_run {rate:.2f} slides/s over the last {len(window)}")
                 window = []
+        save_bench_cohort(store, n_slides)
     return {"model_key": model_key, "filled": len(todo), "gen_s": gen_s, "write_s": write_s, "rates": rates,
             "open_s": open_s}
+
+
+BENCH_COHORT = "BENCH-SIM"
+
+
+def save_bench_cohort(store, n_slides: int, seed: int = 0) -> None:
+    """The slides as a cohort (one slide per patient, a few clinical columns), so that the
+    Cross-modal page's :func:`core.analysis.retrieval.retrieve` can be timed on this store
+    (``python -m benchmarks.retrieval --bench-store``). Idempotent; rewritten on every fill."""
+    import pandas as pd
+
+    rng = np.random.default_rng([seed, 7])
+    names = [f"SIM-{i:05d}" for i in range(n_slides)]
+    slides = pd.DataFrame({"slide_name": [f"{n}.svs" for n in names],
+                           "slide_path": [f"/sim/{n}.svs" for n in names],
+                           "patient": names, "sample_type": "Primary Tumor", "slide_type": "DX",
+                           "fingerprint": [f"sim{i:06d}" for i in range(n_slides)], "status": "ok",
+                           "message": "", "selected": True, "mpp": 0.5, "mpp_source": "simulated"})
+    clinical = pd.DataFrame({"patient": names,
+                             "er_status": rng.choice(["Positive", "Negative"], n_slides, p=[0.75, 0.25]),
+                             "stage": rng.choice(["Stage I", "Stage II", "Stage III", "Stage IV"], n_slides),
+                             "os_time": rng.exponential(1500, n_slides).round(),
+                             "os_event": rng.integers(0, 2, n_slides)})
+    store.save_cohort(BENCH_COHORT, slides, clinical, {"kind": "simulated", "by": "benchmarks.store_bench"})
 
 
 def query_bench(store_path: Path, cohort: Cohort, n_slides: int, reps: int, budget_s: float, seed: int) -> dict:
@@ -436,6 +471,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-vectors", type=int, default=None, help="vectors read at once by the index build")
     ap.add_argument("--compare-old", action="store_true", help="also build the old in-memory way (peak RSS ~N x 1.3 kB)")
+    ap.add_argument("--no-joint", action="store_true", help="write no joint-space embeddings (nor their index)")
     ap.add_argument("--build-child", choices=["new", "old"], help=argparse.SUPPRESS)
     ap.add_argument("--rebuild", action="store_true", help="rebuild the index even with --reuse")
     args = ap.parse_args(argv)
@@ -455,7 +491,8 @@ def main(argv=None) -> None:
     store_path = args.path / "store.duckdb"
 
     _log(f"fill {store_path}")
-    fill_res = fill(store_path, cohort, args.slides, reuse=args.reuse, memory_limit=args.memory_limit)
+    fill_res = fill(store_path, cohort, args.slides, reuse=args.reuse, memory_limit=args.memory_limit,
+                    joint=not args.no_joint)
     store_bytes = _dir_bytes(store_path) + _dir_bytes(Path(str(store_path) + ".wal"))
     _log(f"store {store_bytes / 2**30:.2f} GiB; queries")
     queries = query_bench(store_path, cohort, args.slides, args.reps, args.budget, args.seed)
