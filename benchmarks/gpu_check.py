@@ -133,15 +133,15 @@ def raw_rate(runtime, batch, seconds: float) -> float:
 
 
 # -- 5. GPU decode ---------------------------------------------------------------------------------
-def gpu_decode(slides: list[Path], size_level0: int, seconds: float) -> dict:
-    """Raw JPEG tiles of level 0 (the level the engine reads at this tile size), decoded on the
-    GPU in batches, against the CPU decode of the same bytes."""
+def gpu_decode(slides: list[Path], level: int, read_px: int, seconds: float) -> dict:
+    """Raw JPEG tiles of ``level`` (the pyramid level the engine reads, ``read_px`` across a
+    region), decoded on the GPU in batches of 256, against the CPU decode of the same bytes."""
     import tifffile
     import torch
     from torchvision.io import decode_jpeg
 
     with tifffile.TiffFile(slides[0]) as tif:
-        page = tif.pages[0]
+        page = tif.pages[level]
         tables = page.jpegtables
         tw = page.tilewidth
         blobs = []
@@ -164,8 +164,9 @@ def gpu_decode(slides: list[Path], size_level0: int, seconds: float) -> dict:
             n += len(data[i:i + 256])
         torch.cuda.synchronize()
     rate = n / (time.perf_counter() - t)
-    per_region = (math.ceil(size_level0 / tw) + 1) ** 2 * 0.5 + math.ceil(size_level0 / tw) ** 2 * 0.5
-    return {"tile_px": tw, "jpeg_tiles_per_s": rate, "tiles_per_region": per_region,
+    span = read_px / tw                   # TIFF tiles a region covers, on average over its offsets
+    per_region = (span + 1) ** 2 if read_px % tw else span ** 2
+    return {"tile_px": tw, "level": level, "jpeg_tiles_per_s": rate, "tiles_per_region": per_region,
             "regions_per_s": rate / per_region, "max_abs_diff_vs_cpu_decode": max_diff}
 
 
@@ -221,8 +222,6 @@ def run(args, res: dict) -> dict:
     tile_level0 = int(round(tiling.tile_um / MPP))
     res.update({"device": str(device), "model": model.key, "input_px": px, "tile_um": tiling.tile_um,
                 "slide_mpp": MPP, "cpu_count": os.cpu_count(), "torch": torch.__version__})
-    if device.type == "cuda":
-        res["gpu"] = torch.cuda.get_device_name(device)
 
     _log(f"writing slides for {args.tiles:,} tiles ({args.slide_px} px side, {tile_level0}-px tiles at level 0)")
     t = time.perf_counter()
@@ -232,6 +231,8 @@ def run(args, res: dict) -> dict:
     with Slide(slides[0]) as s:
         grid = tile_grid(s, tiling)
         size_level0 = grid.size_level0
+        read_level = s.osr.get_best_level_for_downsample(size_level0 / px + 1e-6)      # as read_region picks
+        read_px = int(round(size_level0 / s.level_downsamples[read_level]))
     for p in slides:
         items += [(str(p), int(x), int(y)) for x, y in grid.xy]
     res["slides"]["tiles"] = len(items)
@@ -245,6 +246,8 @@ def run(args, res: dict) -> dict:
         res["r3"][str(w)] = decode_rate(sample, size_level0, px, w)
         _log(f"R3 decode + resize, {w} worker(s): {res['r3'][str(w)]:.0f} tiles/s")
     best_w = int(max(res["r3"], key=res["r3"].get))
+    if device.type == "cuda":       # only now: CUDA is initialised after the pools above have forked
+        res["gpu"] = torch.cuda.get_device_name(device)
     decode_limit = res["r3"][str(best_w)]
 
     # correctness: a fixed batch (synthetic + real tiles), fp32 on the CPU as the reference
@@ -272,7 +275,7 @@ def run(args, res: dict) -> dict:
 
     if device.type == "cuda" and not args.no_gpu_decode:
         try:
-            res["gpu_decode"] = gpu_decode(slides, size_level0, args.raw_seconds)
+            res["gpu_decode"] = gpu_decode(slides, read_level, read_px, args.raw_seconds)
             g = res["gpu_decode"]
             _log(f"GPU decode: {g['jpeg_tiles_per_s']:.0f} JPEG tiles/s = {g['regions_per_s']:.0f} regions/s "
                  f"(max |Δ| vs CPU {g['max_abs_diff_vs_cpu_decode']})")
@@ -283,16 +286,20 @@ def run(args, res: dict) -> dict:
     _log(f"E: the engine on {len(slides)} slides, {best_w} loader workers, device {device}")
     util = GpuUtilisation(device.type == "cuda")
     t = time.perf_counter()
-    results = predict_slides(root / "gpu-check.duckdb", [(p, None) for p in slides], model, device=str(device),
-                             batch_size=args.batch_size, workers=best_w, runtime="torch", ingest_wait_s=60.0)
-    e_s = time.perf_counter() - t
+    try:
+        results = predict_slides(root / "gpu-check.duckdb", [(p, None) for p in slides], model,
+                                 device=str(device), batch_size=args.batch_size, workers=best_w, runtime="torch",
+                                 ingest_wait_s=60.0)
+        e_s = time.perf_counter() - t
+    finally:
+        utilisation = util.stop()
     bad = [r for r in results if r.status != "computed"]
     if bad:
         raise RuntimeError(f"{len(bad)} slide(s) did not compute: {bad[0].slide_name}: {bad[0].status} {bad[0].message}")
     n = sum(r.n_tiles for r in results)
     e_rate = n / e_s
     res["e"] = {"tiles": n, "seconds": e_s, "tiles_per_s": e_rate, "workers": best_w,
-                "gpu_utilisation_pct": util.stop()}
+                "gpu_utilisation_pct": utilisation}
     limit = min(r1_best, decode_limit)
     res["summary"] = {"r1_best": r1_best, "decode_limit": decode_limit, "e_over_r1": e_rate / r1_best,
                       "e_over_decode_limit": e_rate / decode_limit, "e_over_limit": e_rate / limit,
