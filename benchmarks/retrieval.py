@@ -12,7 +12,7 @@
    median and 95th-percentile ms per query kind through ``retrieve``.
 
     python -m benchmarks.retrieval [--store data/demo/tessera.duckdb] [--demo-dir data/demo]
-        [--st ../shared/data/her2st --reference …/xenium_breast_cells_counts.csv.gz]
+        [--st ../shared/data/her2st --reference …/xenium_breast_cells_counts.csv.gz --types …/xenium_breast_cells_types.csv]
         [--bench-store /tmp/tessera-bench/store.duckdb] [--json F]
 """
 from __future__ import annotations
@@ -119,6 +119,7 @@ def main(argv=None) -> None:
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--st", type=Path, default=None, help="ST sections for the leave-one-section-out rows")
     ap.add_argument("--reference", type=Path, default=None, help="single-cell reference (adds the fusion row)")
+    ap.add_argument("--types", type=Path, default=None, help="cell types of a counts-CSV reference (cell id, type)")
     ap.add_argument("--bench-store", type=Path, default=Path("/tmp/tessera-bench/store.duckdb"))
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json", type=Path, default=None)
@@ -131,7 +132,12 @@ def main(argv=None) -> None:
     if args.st is not None:
         from core.training.joint import st_loso
 
-        res["her2st"] = st_loso(args.st, reference=args.reference)
+        from core.errors import TesseraError
+
+        try:
+            res["her2st"] = st_loso(args.st, reference=args.reference, reference_types=args.types)
+        except TesseraError as exc:
+            raise SystemExit(f"benchmarks.retrieval: {exc}") from None
     if args.bench_store.exists():
         from core.store.db import Store
 
