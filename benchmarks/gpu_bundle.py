@@ -181,6 +181,10 @@ def main(argv=None) -> int:
     except (BundleError, subprocess.TimeoutExpired) as exc:
         print(f"gpu-bundle: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"gpu-bundle: cannot write the bundle at {args.out}: {exc.strerror or exc}; pass a writable --out",
+              file=sys.stderr)
+        return 2
     for name, f in m["files"].items():
         print(f"  {name}  {f['bytes'] / 2**20:.1f} MiB")
     diff = m["encoder_weights"]["max_abs_diff_vs_fp32_weights"]

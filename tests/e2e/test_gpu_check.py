@@ -115,3 +115,10 @@ def test_fp16_lite_weights_load_where_the_package_is_missing(tmp_path, monkeypat
     monkeypatch.setenv(LITE_WEIGHTS_ENV, str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="holds no efficientnet_lite0.pth"):
         create_encoder("efficientnet_lite0")
+
+
+def test_bundle_into_an_unwritable_folder_is_one_line():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_bundle", "--out", "/proc/no-such/bundle"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "cannot write the bundle" in done.stderr and "pass a writable --out" in done.stderr
+    assert "Traceback" not in done.stderr
